@@ -1,0 +1,1 @@
+"""Probes: one module per question, each registering itself by kind (see `base`)."""

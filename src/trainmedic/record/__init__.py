@@ -1,0 +1,1 @@
+"""Readers that turn training artifacts on disk into a `Run`, without importing torch."""
