@@ -1,0 +1,3 @@
+from trainmedic.cli import main
+
+main()

@@ -1,0 +1,197 @@
+"""The `trainmedic` command line: parse, call the library, render, exit.
+
+Exit codes for commands that judge: 0 nothing reached `--fail-on`, 1 something did (ERROR always
+counts), 2 usage error (bad flag, missing PATH, bad spec file).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from trainmedic import __version__
+from trainmedic.gate import FailOn
+
+app = typer.Typer(
+    name="trainmedic",
+    help="Keeps LLM fine-tuning runs healthy: audit finished runs from their files.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE = 0, 1, 2
+
+
+def _usage_error(message: str) -> typer.Exit:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(EXIT_USAGE)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"trainmedic {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """trainmedic: audit, supervise and heal LLM fine-tuning runs."""
+
+
+def _check_exists(path: Path) -> None:
+    if path.exists():
+        return
+    if os.path.lexists(path):
+        raise _usage_error(f"{path}: broken symlink or symlink loop")
+    raise _usage_error(f"{path}: no such file or directory")
+
+
+@app.command()
+def check(
+    paths: Annotated[list[Path], typer.Argument(help="Run directories, checkpoints or log files.")],
+    spec: Annotated[Path | None, typer.Option("--spec", help="YAML file picking probes/thresholds.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the strict JSON report here.")
+    ] = None,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown report here.")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report here.")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
+    fail_on: Annotated[
+        FailOn, typer.Option("--fail-on", help="Lowest verdict that fails the gate (ERROR always fails).")
+    ] = FailOn.FAIL,
+    allow_empty: Annotated[
+        bool, typer.Option("--allow-empty", help="Pass a PATH where no probe could apply.")
+    ] = False,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", min=1, help="Worker processes (default: auto).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Per-run tables for many runs.")] = False,
+) -> None:
+    """Audit finished runs from their files: loss logs, optimizer state, adapter weights."""
+    from trainmedic.check import check_paths
+    from trainmedic.gate import gate_fails
+    from trainmedic.spec import SpecError, default_spec, load_spec
+
+    for path in paths:
+        _check_exists(path)
+    try:
+        check_spec = load_spec(spec) if spec is not None else default_spec()
+    except SpecError as exc:
+        raise _usage_error(str(exc)) from None
+    reports = check_paths(paths, check_spec, jobs=jobs)
+    _write_outputs(reports, fail_on, json_out=json_out, markdown=markdown, junit=junit, html=html)
+    from trainmedic.report import terminal
+
+    terminal.render(reports, Console(highlight=False), fail_on=fail_on.value, verbose=verbose)
+    raise typer.Exit(EXIT_GATE if gate_fails(reports, fail_on, allow_empty=allow_empty) else EXIT_OK)
+
+
+@app.command()
+def report(
+    json_file: Annotated[Path, typer.Argument(help="A JSON report written by `check --json`.")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="markdown, html, junit or terminal.")
+    ] = "terminal",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+    fail_on: Annotated[
+        FailOn, typer.Option("--fail-on", help="Gate level shown in the report.")
+    ] = FailOn.FAIL,
+) -> None:
+    """Re-render a JSON report as Markdown, HTML, JUnit or a terminal table."""
+    from trainmedic.record.errors import ReadError
+    from trainmedic.report import jsonio
+
+    renderers = {"markdown", "html", "junit", "terminal"}
+    if fmt not in renderers:
+        raise _usage_error(f"--format must be one of {sorted(renderers)}, not {fmt!r}")
+    _check_exists(json_file)
+    try:
+        reports = jsonio.loads(json_file.read_bytes(), source=str(json_file))
+    except ReadError as exc:
+        raise _usage_error(str(exc)) from None
+    except OSError as exc:
+        raise _usage_error(f"{json_file}: {exc.strerror or exc}") from None
+    if fmt == "terminal":
+        from trainmedic.report import terminal
+
+        terminal.render(reports, Console(highlight=False), fail_on=fail_on.value, verbose=True)
+        return
+    text = _render(fmt, reports, fail_on.value)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        from trainmedic.fsutil import atomic_write
+
+        atomic_write(out, text)
+        print(f"wrote {out}")
+
+
+@app.command()
+def probes() -> None:
+    """List the probes and every threshold with its default and reason."""
+    from rich.table import Table
+
+    from trainmedic.probes import all_probes
+
+    table = Table(title="trainmedic probes", show_lines=True)
+    table.add_column("probe")
+    table.add_column("what it asks")
+    table.add_column("thresholds (default: reason)")
+    for kind, probe in all_probes().items():
+        lines = []
+        for name, field in probe.spec_cls.model_fields.items():
+            if name == "enabled":
+                continue
+            lines.append(f"{name} = {field.default!r}: {field.description or ''}")
+        table.add_row(kind, probe.summary, "\n".join(lines))
+    Console().print(table)
+
+
+def _render(fmt: str, reports: list, fail_on: str) -> str:  # type: ignore[type-arg]
+    if fmt == "markdown":
+        from trainmedic.report import markdown
+
+        return markdown.render(reports, fail_on=fail_on)
+    if fmt == "html":
+        from trainmedic.report import html
+
+        return html.render(reports, fail_on=fail_on)
+    from trainmedic.report import junit
+
+    return junit.render(reports, fail_on=fail_on)
+
+
+def _write_outputs(reports: list, fail_on: FailOn, **targets: Path | None) -> None:  # type: ignore[type-arg]
+    from trainmedic.fsutil import atomic_write
+    from trainmedic.report import jsonio
+
+    for fmt, target in targets.items():
+        if target is None:
+            continue
+        data: bytes | str
+        if fmt == "json_out":
+            data = jsonio.dumps(reports, fail_on=fail_on.value)
+        else:
+            data = _render(fmt, reports, fail_on.value)
+        try:
+            atomic_write(target, data)
+        except OSError as exc:
+            raise _usage_error(f"{target}: cannot write report: {exc.strerror or exc}") from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
