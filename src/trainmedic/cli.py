@@ -29,7 +29,7 @@ EXIT_OK, EXIT_GATE, EXIT_USAGE = 0, 1, 2
 
 
 def _usage_error(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(EXIT_USAGE)
 
 
