@@ -1,0 +1,133 @@
+"""nonfinite: NaN/Inf in the loss, gradient norm or eval loss, and impossible negative losses.
+
+Hugging Face's default `logging_nan_inf_filter` logs a NaN step loss as the running average, so
+a broken run often shows only a non-finite `grad_norm`: that counts. dlm logs a NaN step as loss
+0.0 beside a NaN grad norm; that pair counts as a non-finite loss. The one pattern excluded is
+the fp16 loss scaler calibrating (see `signals.nonfinite`), and the message says so.
+
+A negative loss on a likelihood objective (cross-entropy, DPO) is FAIL: -log p >= 0 for every
+probability, so a value below -`negative_tol` (beyond 4-decimal rounding and low-precision
+noise) cannot come from a correct loss. The optimiser was minimising something else (masking,
+label or loss-function bug), so neither the curve nor the resulting model can be trusted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from trainmedic.findings import Finding, Verdict
+from trainmedic.probes.base import ProbeSpec, register
+from trainmedic.run import Run, Series
+from trainmedic.signals.flags import cap_events, event
+from trainmedic.signals.nonfinite import ScalerRule, scaler_calibration_mask
+from trainmedic.signals.objective import classify_objective, is_likelihood
+
+KIND = "nonfinite"
+
+
+class NonFiniteSpec(ProbeSpec):
+    """Thresholds of the non-finite check."""
+
+    scaler_max_points: int = Field(
+        3, ge=0, description="leading non-finite grad norms at LR 0 forgiven as fp16 scaler calibration"
+    )
+    negative_tol: float = Field(
+        1e-3, ge=0, description="a likelihood loss below -tol is impossible (beyond rounding noise)"
+    )
+    max_events: int = Field(50, ge=0, description="events kept for the report's chart")
+
+
+def _first(steps: np.ndarray, mask: np.ndarray) -> int | None:
+    idx = np.nonzero(mask)[0]
+    return int(steps[idx[0]]) if idx.shape[0] else None
+
+
+@register(KIND, NonFiniteSpec, needs=("log",), summary="NaN/Inf in loss, grad norm, eval loss; negative loss")
+def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
+    loss, grad, ev = run.train_loss, run.grad_norm, run.eval_loss
+    if not (len(loss) or len(grad) or len(ev)):
+        return Finding(KIND, KIND, Verdict.SKIP, "no loss, grad norm or eval loss logged")
+    bad_loss = ~np.isfinite(loss.values)
+    bad_loss |= _dlm_nan_steps(loss, grad)
+    bad_grad = ~np.isfinite(grad.values)
+    excused = scaler_calibration_mask(
+        grad.steps,
+        grad.values,
+        run.learning_rate.steps,
+        run.learning_rate.values,
+        ScalerRule(spec.scaler_max_points),
+    )
+    bad_grad &= ~excused
+    bad_eval = ~np.isfinite(ev.values)
+    objective = classify_objective(loss.values, run.extra.keys())
+    negative = np.zeros(len(loss), dtype=bool)
+    if is_likelihood(objective):
+        with np.errstate(invalid="ignore"):
+            negative = loss.values < -spec.negative_tol
+
+    counts = {
+        "loss": int(bad_loss.sum()),
+        "grad_norm": int(bad_grad.sum()),
+        "eval_loss": int(bad_eval.sum()),
+    }
+    firsts = {
+        "loss": _first(loss.steps, bad_loss),
+        "grad_norm": _first(grad.steps, bad_grad),
+        "eval_loss": _first(ev.steps, bad_eval),
+    }
+    events: list[dict[str, Any]] = []
+    for name, series, mask in (
+        ("loss", loss, bad_loss),
+        ("grad_norm", grad, bad_grad),
+        ("eval_loss", ev, bad_eval),
+    ):
+        events.extend(event(int(s), f"non-finite {name}", "fail") for s in series.steps[mask][:100])
+    events.extend(event(int(s), "negative loss", "fail") for s in loss.steps[negative][:20])
+
+    excused_steps = [int(s) for s in grad.steps[excused]]
+    note = f"; fp16 loss-scaler calibration at step(s) {excused_steps} excluded" if excused_steps else ""
+    parts = [f"{name} {counts[name]} (first at step {firsts[name]})" for name in counts if counts[name]]
+    verdict = Verdict.PASS
+    problems = []
+    if parts:
+        verdict = Verdict.FAIL
+        problems.append("non-finite values: " + ", ".join(parts))
+    n_neg = int(negative.sum())
+    if n_neg:
+        verdict = Verdict.FAIL
+        lowest = float(np.nanmin(loss.values[negative]))
+        problems.append(
+            f"impossible loss (negative): {n_neg} value(s) below -{spec.negative_tol:g}, min {lowest:.4g}, "
+            f"first at step {_first(loss.steps, negative)}: loss or label bug"
+        )
+    if verdict is Verdict.PASS:
+        message = (
+            f"no NaN/Inf in loss ({len(loss)}), grad_norm ({len(grad)}) or eval_loss ({len(ev)}) values{note}"
+        )
+    else:
+        message = "; ".join(problems) + note
+    evidence = {
+        "counts": counts,
+        "first_step": firsts,
+        "points": {"loss": len(loss), "grad_norm": len(grad), "eval_loss": len(ev)},
+        "negative_loss_count": n_neg,
+        "objective": objective.value,
+        "scaler_calibration_excluded": excused_steps,
+        "thresholds": spec.model_dump(exclude={"enabled", "max_events"}),
+        "events": cap_events(events, spec.max_events),
+    }
+    return Finding(
+        KIND, KIND, verdict, message, score=1.0 if verdict is Verdict.PASS else 0.0, evidence=evidence
+    )
+
+
+def _dlm_nan_steps(loss: Series, grad: Series) -> np.ndarray:
+    """Loss exactly 0.0 at a step whose grad norm is non-finite: dlm's way of logging a NaN step."""
+    zero = loss.values == 0.0
+    if not zero.any() or not len(grad):
+        return np.zeros(len(loss), dtype=bool)
+    bad_grad_steps = grad.steps[~np.isfinite(grad.values)]
+    return zero & np.isin(loss.steps, bad_grad_steps)
