@@ -1,0 +1,1 @@
+"""Renderers for check results: terminal, JSON, Markdown, JUnit XML and self-contained HTML."""

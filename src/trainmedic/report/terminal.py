@@ -1,0 +1,129 @@
+"""Terminal output: one table per run, or one row per run plus a summary for many.
+
+Data strings go in as `rich.text.Text`, never as markup, so a message holding `[red]` or a
+path with brackets prints as written. Colour only adds emphasis: every verdict is also a word,
+so CI logs and `no_color` consoles read the same.
+"""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from trainmedic.findings import RunReport, Verdict
+from trainmedic.report.jsonio import fail_threshold, gate_fails, summary_line, utf8_safe
+
+STYLES = {
+    Verdict.PASS: "green",
+    Verdict.WARN: "yellow",
+    Verdict.FAIL: "bold red",
+    Verdict.ERROR: "bold magenta",
+    Verdict.SKIP: "dim",
+}
+NOTHING = "nothing to check"
+_MAX_SOURCES = 4
+
+
+def verdict_text(verdict: Verdict) -> Text:
+    return Text(verdict.value.upper(), style=STYLES[verdict])
+
+
+def run_verdict_text(report: RunReport) -> Text:
+    """The run's worst verdict; a run where nothing applied says so instead of looking clean."""
+    if not report.checked_anything:
+        return Text(NOTHING, style="dim italic")
+    return verdict_text(report.worst)
+
+
+def _headline(report: RunReport) -> Text:
+    style = "dim italic" if not report.checked_anything else STYLES[report.worst]
+    return Text(utf8_safe(report.headline()), style=style)
+
+
+def _findings_table(report: RunReport) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False)
+    table.add_column("probe", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("reason", overflow="fold")
+    for f in report.findings:
+        table.add_row(Text(utf8_safe(f.name)), verdict_text(f.verdict), Text(utf8_safe(f.message)))
+    return table
+
+
+def _field(label: str, value: str) -> Text:
+    return Text.assemble((f"  {label:<8}", "dim"), utf8_safe(value))
+
+
+def _sources(report: RunReport, verbose: bool) -> str:
+    shown = report.sources if verbose else report.sources[:_MAX_SOURCES]
+    more = len(report.sources) - len(shown)
+    text = ", ".join(shown) + (f" (+{more} more)" if more else "")
+    return f"{len(report.sources)} file(s): {text}" if report.sources else "no files"
+
+
+def _other_run(other: object) -> str:
+    if isinstance(other, dict):
+        return ", ".join(f"{k}={v}" for k, v in other.items())
+    return str(other)
+
+
+def render_run(report: RunReport, console: Console, *, verbose: bool = False) -> None:
+    """One run in full: where, what was judged, the table, the headline and the notes."""
+    console.print(Text.assemble(("trainmedic check ", "bold"), (utf8_safe(report.path), "bold cyan")))
+    console.print(_field("layout", report.layout or "not recognised"))
+    if report.run_label:
+        console.print(_field("judged", report.run_label))
+    console.print(_field("read", _sources(report, verbose)))
+    if report.other_runs:
+        console.print(_field("also", f"{len(report.other_runs)} other run(s) here, not judged"))
+        if verbose:
+            for other in report.other_runs:
+                console.print(Text(utf8_safe(f"    - {_other_run(other)}"), style="dim"))
+    if report.findings:
+        console.print(_findings_table(report))
+    else:
+        console.print(Text("  no probe produced a result", style="dim"))
+    console.print(Text.assemble(("  => ", "bold"), _headline(report)))
+    if report.notes:
+        console.print(Text("  notes:", style="dim"))
+        for note in report.notes:
+            console.print(Text(utf8_safe(f"    - {note}")), overflow="fold")
+
+
+def _overview_table(reports: list[RunReport]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("run", overflow="fold", ratio=3)
+    table.add_column("layout", overflow="fold", ratio=1)
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("headline", overflow="fold", ratio=3)
+    for r in reports:
+        table.add_row(Text(utf8_safe(r.path)), Text(utf8_safe(r.layout)), run_verdict_text(r), _headline(r))
+    return table
+
+
+def _gate_line(reports: list[RunReport], fail_on: str) -> Text:
+    threshold = fail_threshold(fail_on).value
+    if gate_fails(reports, fail_on):
+        return Text.assemble(("gate fails", "bold red"), f" (--fail-on {threshold})")
+    return Text.assemble(("gate passes", "green"), f" (--fail-on {threshold})")
+
+
+def render(
+    reports: list[RunReport], console: Console, *, fail_on: str = "fail", verbose: bool = False
+) -> None:
+    """Print the reports; `verbose` adds each run's own table when there are several."""
+    fail_threshold(fail_on)
+    if not reports:
+        console.print(Text("no runs were checked", style="dim"))
+        return
+    if len(reports) == 1:
+        render_run(reports[0], console, verbose=verbose)
+    else:
+        if verbose:
+            for r in reports:
+                render_run(r, console, verbose=True)
+                console.print()
+        console.print(_overview_table(reports))
+    console.print(Text.assemble(summary_line(reports, fail_on), " · ", _gate_line(reports, fail_on)))
