@@ -6,7 +6,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,6 +48,8 @@ def check_paths(paths: Sequence[Path], spec: CheckSpec, *, jobs: int | None = No
     workers = jobs if jobs is not None else min(len(paths) // PARALLEL_MIN_PATHS, os.cpu_count() or 1)
     if workers <= 1 or len(paths) < 2:
         return [check_path(p, spec) for p in paths]
+    from concurrent.futures import ProcessPoolExecutor
+
     chunk = max(1, math.ceil(len(paths) / (workers * 4)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(check_path, paths, [spec] * len(paths), chunksize=chunk))

@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from trainmedic import __version__
 from trainmedic.gate import FailOn
+
+if TYPE_CHECKING:
+    from trainmedic.findings import RunReport
 
 app = typer.Typer(
     name="trainmedic",
@@ -69,9 +72,6 @@ def check(
     fail_on: Annotated[
         FailOn, typer.Option("--fail-on", help="Lowest verdict that fails the gate (ERROR always fails).")
     ] = FailOn.FAIL,
-    allow_empty: Annotated[
-        bool, typer.Option("--allow-empty", help="Pass a PATH where no probe could apply.")
-    ] = False,
     jobs: Annotated[
         int | None, typer.Option("--jobs", "-j", min=1, help="Worker processes (default: auto).")
     ] = None,
@@ -93,7 +93,7 @@ def check(
     from trainmedic.report import terminal
 
     terminal.render(reports, Console(highlight=False), fail_on=fail_on.value, verbose=verbose)
-    raise typer.Exit(EXIT_GATE if gate_fails(reports, fail_on, allow_empty=allow_empty) else EXIT_OK)
+    raise typer.Exit(EXIT_GATE if gate_fails(reports, fail_on) else EXIT_OK)
 
 
 @app.command()
@@ -157,7 +157,7 @@ def probes() -> None:
     Console().print(table)
 
 
-def _render(fmt: str, reports: list, fail_on: str) -> str:  # type: ignore[type-arg]
+def _render(fmt: str, reports: list[RunReport], fail_on: str) -> str:
     if fmt == "markdown":
         from trainmedic.report import markdown
 
@@ -171,7 +171,7 @@ def _render(fmt: str, reports: list, fail_on: str) -> str:  # type: ignore[type-
     return junit.render(reports, fail_on=fail_on)
 
 
-def _write_outputs(reports: list, fail_on: FailOn, **targets: Path | None) -> None:  # type: ignore[type-arg]
+def _write_outputs(reports: list[RunReport], fail_on: FailOn, **targets: Path | None) -> None:
     from trainmedic.fsutil import atomic_write
     from trainmedic.report import jsonio
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from trainmedic.probes import all_probes
@@ -33,7 +32,7 @@ class CheckSpec:
     def selected(self) -> list[tuple[Probe[ProbeSpec], ProbeSpec]]:
         chosen = []
         for kind, probe in all_probes().items():
-            spec = self.specs.get(kind) or probe.spec_cls()
+            spec = self.specs.get(kind) or probe.spec_cls.model_construct()
             if self.only is not None and kind not in self.only:
                 continue
             if spec.enabled:
@@ -47,6 +46,8 @@ def default_spec() -> CheckSpec:
 
 def load_spec(path: Path) -> CheckSpec:
     """Parse a YAML spec file; every mistake is a SpecError naming the file and the key."""
+    import yaml  # only needed when a spec file is given
+
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

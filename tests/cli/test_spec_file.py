@@ -42,5 +42,5 @@ def test_spec_mistakes_name_the_field(data: object, needle: str) -> None:
 def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "spec.yaml"
     bad.write_text("probes: [unclosed\n")
-    with pytest.raises(SpecError, match="spec.yaml: not valid YAML"):
+    with pytest.raises(SpecError, match=r"spec\.yaml: not valid YAML"):
         load_spec(bad)

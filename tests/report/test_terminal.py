@@ -74,7 +74,7 @@ def test_nothing_to_check_never_reads_as_pass():
     out = _text([skipped, RunReport("bare", "unknown", []), _healthy()])
     assert out.count("nothing to check") >= 3  # two rows plus the summary
     assert "3 runs: 1 pass, 2 nothing to check" in out
-    assert "gate passes" in out
+    assert "gate fails" in out  # a PATH with nothing to check fails the gate
     single = _text([RunReport("bare", "unknown", [])])
     assert "PASS" not in single and "nothing to check" in single
 

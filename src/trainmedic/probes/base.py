@@ -22,7 +22,8 @@ from trainmedic.run import Run
 class ProbeSpec(BaseModel):
     """Base for probe specs: unknown fields are rejected so typos surface."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Schemas are built on first validation (a YAML override), not at import: keeps `check` fast.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     enabled: bool = True
 
@@ -40,7 +41,6 @@ class Probe(Generic[SpecT]):
 
 
 REGISTRY: dict[str, Probe[ProbeSpec]] = {}
-
 
 
 def register(

@@ -12,8 +12,9 @@ from typing import Any
 
 import trainmedic
 from trainmedic.findings import Finding, RunReport, Verdict
+from trainmedic.gate import fail_threshold, gate_fails
 from trainmedic.report import svg
-from trainmedic.report.jsonio import fail_threshold, gate_fails, summary_line, utf8_safe
+from trainmedic.report.jsonio import summary_line, utf8_safe
 
 SEVERITY_COLORS = {"warn": "#d97706", "fail": "#dc2626"}
 CURVE_COLORS = {

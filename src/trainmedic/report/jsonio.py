@@ -17,24 +17,11 @@ import orjson
 
 import trainmedic
 from trainmedic.findings import Finding, RunReport, Verdict
+from trainmedic.gate import fail_threshold, gate_fails
 from trainmedic.record.errors import ReadError
 
 SCHEMA_VERSION: int = 1
-FAIL_ON_CHOICES: tuple[str, ...] = ("warn", "fail", "error")
 _MAX_LISTED_PATHS = 8
-
-
-def fail_threshold(fail_on: str) -> Verdict:
-    """The verdict from which the gate fails; a bad value is a caller error, said plainly."""
-    if fail_on not in FAIL_ON_CHOICES:
-        raise ValueError(f"fail_on must be one of {', '.join(FAIL_ON_CHOICES)}, not {fail_on!r}")
-    return Verdict(fail_on)
-
-
-def gate_fails(reports: list[RunReport], fail_on: str = "fail") -> bool:
-    """True when any run's worst verdict reaches `fail_on` (ERROR always reaches `fail`)."""
-    threshold = fail_threshold(fail_on).rank
-    return any(r.worst.rank >= threshold for r in reports)
 
 
 def summarize(reports: list[RunReport], fail_on: str = "fail") -> dict[str, Any]:

@@ -12,7 +12,7 @@ import re
 import xml.etree.ElementTree as ET
 
 from trainmedic.findings import Finding, RunReport, Verdict
-from trainmedic.report.jsonio import fail_threshold
+from trainmedic.gate import fail_threshold
 
 # Characters XML 1.0 cannot hold at all, even escaped; ElementTree would write them regardless.
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 
 from trainmedic.findings import RunReport, Verdict
-from trainmedic.report.jsonio import fail_threshold, gate_fails, summary_line, utf8_safe
+from trainmedic.gate import fail_threshold, gate_fails
+from trainmedic.report.jsonio import summary_line, utf8_safe
 
 ICONS = {
     Verdict.PASS: "✅",

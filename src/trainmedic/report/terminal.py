@@ -13,7 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from trainmedic.findings import RunReport, Verdict
-from trainmedic.report.jsonio import fail_threshold, gate_fails, summary_line, utf8_safe
+from trainmedic.gate import fail_threshold, gate_fails
+from trainmedic.report.jsonio import summary_line, utf8_safe
 
 STYLES = {
     Verdict.PASS: "green",
@@ -56,17 +57,31 @@ def _field(label: str, value: str) -> Text:
     return Text.assemble((f"  {label:<8}", "dim"), utf8_safe(value))
 
 
+def _relative(source: str, root: str) -> str:
+    """A source file named relative to the checked PATH: the PATH is already in the header."""
+    prefix = root.rstrip("/") + "/"
+    return source[len(prefix) :] if source.startswith(prefix) else source
+
+
 def _sources(report: RunReport, verbose: bool) -> str:
-    shown = report.sources if verbose else report.sources[:_MAX_SOURCES]
+    names = [_relative(s, report.path) for s in report.sources]
+    shown = names if verbose else names[:_MAX_SOURCES]
     more = len(report.sources) - len(shown)
     text = ", ".join(shown) + (f" (+{more} more)" if more else "")
     return f"{len(report.sources)} file(s): {text}" if report.sources else "no files"
 
 
 def _other_run(other: object) -> str:
-    if isinstance(other, dict):
-        return ", ".join(f"{k}={v}" for k, v in other.items())
-    return str(other)
+    """'run 1 (adapter v0001): 9 points, steps 10-90, final loss 0.5135' from a TrainingRunInfo dict."""
+    if not isinstance(other, dict):
+        return str(other)
+    parts = [f"{other.get('steps', '?')} points"]
+    if "first_step" in other and "last_step" in other:
+        parts.append(f"steps {other['first_step']}-{other['last_step']}")
+    final = other.get("final_loss")
+    if isinstance(final, int | float):
+        parts.append(f"final loss {final:.4g}")
+    return f"{other.get('label', 'run')}: " + ", ".join(parts)
 
 
 def render_run(report: RunReport, console: Console, *, verbose: bool = False) -> None:

@@ -1,6 +1,6 @@
 """Write the bundled example runs: one healthy, two broken, all in real on-disk formats.
 
-    python -m trainmedic.toy.examples OUT_DIR
+python -m trainmedic.toy.examples OUT_DIR
 """
 
 from __future__ import annotations
