@@ -17,7 +17,15 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _default_mode())  # mkstemp's 0600 would hide reports from other readers
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _default_mode() -> int:
+    """0666 minus the process umask: what a plain `open(path, "w")` would have created."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
