@@ -109,10 +109,10 @@ def render_run(report: RunReport, console: Console, *, verbose: bool = False) ->
 
 def _overview_table(reports: list[RunReport]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("run", overflow="fold", ratio=3)
-    table.add_column("layout", overflow="fold", ratio=1)
+    table.add_column("run", no_wrap=True)  # paths read best unbroken; the headline gives way
+    table.add_column("layout", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
-    table.add_column("headline", overflow="fold", ratio=3)
+    table.add_column("headline", overflow="fold")
     for r in reports:
         table.add_row(Text(utf8_safe(r.path)), Text(utf8_safe(r.layout)), run_verdict_text(r), _headline(r))
     return table
