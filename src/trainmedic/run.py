@@ -123,6 +123,10 @@ class Run:
     max_steps: int | None = None  # planned length when the writer recorded one
     completed: bool | None = None  # a run_complete record / final trainer_state was seen
     other_runs: list[TrainingRunInfo] = field(default_factory=list)
+    # What a live watcher recorded in its run log: `event` records (detections) and `action`
+    # records (treatments), as plain dicts with at least `step` and `type`.
+    events: list[dict[str, Any]] = field(default_factory=list)
+    actions: list[dict[str, Any]] = field(default_factory=list)
     sources: list[Path] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
