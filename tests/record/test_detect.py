@@ -112,6 +112,7 @@ def test_layout_names_are_the_user_facing_words() -> None:
     assert {layout.value for layout in Layout} == {
         "dlm store",
         "HF output dir",
+        "watched HF output dir",
         "HF checkpoint",
         "trainer_state.json",
         "trainmedic run log",

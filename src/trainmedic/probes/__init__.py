@@ -15,6 +15,7 @@ PROBE_MODULES = (
     "memorization",
     "gradient_ghost",
     "adapter_weights",
+    "live_events",
 )
 
 

@@ -1,8 +1,16 @@
-"""Recognise what a PATH holds, from names and file types only (nothing is parsed here)."""
+"""Recognise what a PATH holds, from names and file types only (nothing is parsed here).
+
+A Hugging Face output dir watched by trainmedic also holds its run log,
+`logs/train-<run_id>-<YYYYmmddTHHMMSS>.jsonl`: that is a "watched HF output dir". dlm names its
+logs the same way, so the run log only decides between the two when the directory also holds
+something a dlm store never does (checkpoints, a trainer state, root weights, a postmortem) or its
+run id is not dlm's number; the reader confirms the trainmedic banner and falls back otherwise.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -12,6 +20,8 @@ from trainmedic.record import dlm, hf
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
+RUN_LOG_RE = re.compile(r"^train-(.+)-(\d{8}T\d{6})\.jsonl$")
+POSTMORTEM_NAME = "trainmedic-postmortem.json"
 
 
 class Layout(StrEnum):
@@ -19,6 +29,7 @@ class Layout(StrEnum):
 
     DLM_STORE = "dlm store"
     HF_OUTPUT_DIR = "HF output dir"
+    WATCHED_HF_OUTPUT_DIR = "watched HF output dir"
     HF_CHECKPOINT = "HF checkpoint"
     TRAINER_STATE = "trainer_state.json"
     RUN_LOG = "trainmedic run log"
@@ -62,17 +73,44 @@ def _detect_dir(path: Path) -> Detected:
         return Detected(Layout.UNKNOWN, note=f"{path}: cannot list the directory ({exc.strerror or exc})")
     if not entries:
         return Detected(Layout.EMPTY, note="no training artifacts found")
+    run_logs = run_log_files(path / "logs") if "logs" in entries else []
+    has_ckpts = bool(hf.checkpoints(path))
+    has_state = os.path.lexists(path / hf.STATE_NAME)
+    if run_logs and (
+        has_ckpts or has_state or POSTMORTEM_NAME in entries or hf.weights_file(path) is not None
+    ):
+        return Detected(Layout.WATCHED_HF_OUTPUT_DIR, files=run_logs)
     if dlm.is_dlm_store(path):
         return Detected(Layout.DLM_STORE)
-    if hf.checkpoints(path):
+    if run_logs:  # a watched run that saved nothing yet (and whose run id is not dlm's number)
+        return Detected(Layout.WATCHED_HF_OUTPUT_DIR, files=run_logs)
+    if has_ckpts:
         return Detected(Layout.HF_OUTPUT_DIR)
-    has_state = os.path.lexists(path / hf.STATE_NAME)
     if hf.CHECKPOINT_RE.match(path.name) or (has_state and os.path.lexists(path / "optimizer.pt")):
         return Detected(Layout.HF_CHECKPOINT)
     if has_state or hf.weights_file(path) is not None:
         return Detected(Layout.HF_OUTPUT_DIR)
-    logs = [path / n for n in entries if n.lower().endswith(JSONL_SUFFIXES)]
+    logs = [path / n for n in sorted(entries, key=log_order) if n.lower().endswith(JSONL_SUFFIXES)]
     if logs:
         return Detected(Layout.JSONL, files=logs)
     shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
     return Detected(Layout.UNKNOWN, note=f"no training artifacts recognised; found: {shown}")
+
+
+def log_order(name: str) -> tuple[str, str]:
+    """Sort key of log file names: by the start time a run log's name carries, then by name.
+
+    The run id comes first in a run log's name, so plain name order would put a later run with a
+    smaller id before an earlier one; segments judge the *latest* run, so order must be by time.
+    """
+    m = RUN_LOG_RE.match(name)
+    return (m.group(2), name) if m else ("", name)
+
+
+def run_log_files(logs_dir: Path) -> list[Path]:
+    """trainmedic run logs (`train-<run_id>-<YYYYmmddTHHMMSS>.jsonl`) in start-time order."""
+    try:
+        names = [e.name for e in os.scandir(logs_dir) if RUN_LOG_RE.match(e.name)]
+    except OSError:
+        return []
+    return [logs_dir / n for n in sorted(names, key=log_order)]

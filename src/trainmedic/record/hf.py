@@ -212,13 +212,7 @@ def read_output_dir(root: Path) -> Run:
     complete checkpoint (the root's final weights win for the adapter when present)."""
     run = Run(path=root, layout="HF output dir")
     ckpts = checkpoints(root)
-    chosen: Path | None = None
-    for _, ckpt in ckpts:
-        why = incomplete_reason(ckpt)
-        if why is None:
-            chosen = ckpt
-            break
-        run.notes.append(f"{ckpt.name} skipped: incomplete ({why}; interrupted while saving?)")
+    chosen = newest_complete(ckpts, run)
 
     state_path: Path | None = root / STATE_NAME
     if not os.path.lexists(root / STATE_NAME):
@@ -230,22 +224,35 @@ def read_output_dir(root: Path) -> Run:
             run.notes.append(f"curves from {state_path.relative_to(root)}")
     else:
         run.notes.append(f"no {STATE_NAME} found: no curves to check")
+    run.label = read_output_artifacts(root, run, chosen, len(ckpts))
+    return run
 
+
+def newest_complete(ckpts: list[tuple[int, Path]], run: Run) -> Path | None:
+    """The newest checkpoint a crash did not leave half-written; skipped ones are noted."""
+    for _, ckpt in ckpts:
+        why = incomplete_reason(ckpt)
+        if why is None:
+            return ckpt
+        run.notes.append(f"{ckpt.name} skipped: incomplete ({why}; interrupted while saving?)")
+    return None
+
+
+def read_output_artifacts(root: Path, run: Run, chosen: Path | None, n_ckpts: int) -> str:
+    """Adapter and optimizer of an output dir into `run`; returns what was judged, in words."""
     root_weights = weights_file(root)
     if chosen is not None:
-        run.label = f"{chosen.name} (newest complete of {len(ckpts)})"
         read_checkpoint_artifacts(chosen, run, weights_dir=root if root_weights else None)
         if root_weights is not None:
             run.notes.append(f"adapter from the output dir's final {root_weights.name}")
-    else:
-        run.label = "output dir (final weights)" if root_weights else "output dir"
-        if ckpts:
-            run.notes.append("no complete checkpoint: optimizer state not checked")
-        if root_weights is not None:
-            run.adapter = load_adapter(root_weights, run)
-        if is_regular(root / "optimizer.pt"):
-            load_optimizer(root / "optimizer.pt", run, run.adapter)
-    return run
+        return f"{chosen.name} (newest complete of {n_ckpts})"
+    if n_ckpts:
+        run.notes.append("no complete checkpoint: optimizer state not checked")
+    if root_weights is not None:
+        run.adapter = load_adapter(root_weights, run)
+    if is_regular(root / "optimizer.pt"):
+        load_optimizer(root / "optimizer.pt", run, run.adapter)
+    return "output dir (final weights)" if root_weights else "output dir"
 
 
 def _any_state(ckpts: list[tuple[int, Path]]) -> Path | None:

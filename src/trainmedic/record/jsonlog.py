@@ -3,7 +3,9 @@
 One reader serves both writers. Step records become compact columns (`array`), never lists of
 dicts, so a million-step log stays in tens of MB. Non-step records that shape the run (`banner`,
 `run_complete`, `checkpoint`) are kept as small markers at their position in the columns, so
-`segments` can split the records into training runs afterwards.
+`segments` can split the records into training runs afterwards. The live watcher's `event`,
+`action` and `eval` records are rare and kept whole as markers too (up to `MAX_KEPT_RECORDS`).
+Unknown record types are skipped: a newer writer's records never break an older reader.
 
 Every problem is recorded with file and line and reading goes on: one bad line or one bad file
 never hides the rest.
@@ -24,6 +26,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from trainmedic.findings import Problem
+from trainmedic.record.hf_log import EXTRA_KEYS
 
 MAX_PROBLEMS_PER_FILE = 20
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer "line" is not a log record; skipped without holding it
@@ -34,10 +37,23 @@ LOSS, LR, GRAD_NORM, EVAL = 1, 2, 4, 8
 # grad_norm; eval_loss | val_loss. Other keys (tokens, timestamp, ...) are not needed for curves.
 # Non-step record types kept as markers, and the (scalar) fields kept from each.
 MARKER_TYPES: dict[str, tuple[str, ...]] = {
-    "banner": ("run_id", "writer", "max_steps", "seed"),
-    "run_complete": ("run_id", "adapter_version", "steps", "early_stopped", "summary_path"),
+    "banner": ("run_id", "writer", "version", "max_steps", "seed", "resumed_from_step"),
+    "run_complete": (
+        "run_id",
+        "adapter_version",
+        "steps",
+        "early_stopped",
+        "summary_path",
+        "step",
+        "status",
+        "reason",
+    ),
     "checkpoint": ("step", "path"),
 }
+# Record types kept whole (nested evidence included): what the live watcher saw and did.
+WHOLE_TYPES = frozenset({"event", "action", "eval"})
+MAX_KEPT_RECORDS = 50_000  # per read; a log flooded with events must not exhaust memory
+SEVERITIES = frozenset({"info", "warn", "fail"})
 
 _INT64_MAX = 2**63 - 1
 
@@ -69,6 +85,11 @@ class LogRecords:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     nan_loss_as_zero: int = 0  # dlm's way of logging a NaN step: loss 0.0 + non-finite grad_norm
+    # Extra per-step curves (`hf_log.EXTRA_KEYS`: DPO rewards, entropy, ...) of trainmedic's run
+    # log: key -> (record indices into the columns, values).
+    extra: dict[str, tuple[array[int], array[float]]] = field(default_factory=dict)
+    kept_records: int = 0  # event/action/eval records kept as markers
+    dropped_records: int = 0  # event/action/eval records beyond MAX_KEPT_RECORDS
 
     def __len__(self) -> int:
         return len(self.step)
@@ -148,6 +169,11 @@ def read_logs(paths: Sequence[Path]) -> LogRecords:
         except OSError as exc:
             probs.add(None, f"read failed: {exc.strerror or exc}")
         probs.close()
+    if rec.dropped_records:
+        rec.notes.append(
+            f"{rec.dropped_records} event/action/eval record(s) beyond the first "
+            f"{MAX_KEPT_RECORDS} were not read"
+        )
     if rec.nan_loss_as_zero:
         rec.notes.append(
             f"{rec.nan_loss_as_zero} step record(s) logged loss 0.0 with a non-finite grad_norm "
@@ -180,6 +206,8 @@ def _read_file(fh: BinaryIO, file_idx: int, rec: LogRecords, probs: _Problems) -
     readline = fh.readline
     lineno = 0
     nonblank = 0
+    bad: tuple[int, str] | None = None  # an invalid line not yet judged (torn, or garbage)
+    want_extra, extra_len, extra_keys = False, -1, []  # extras only from trainmedic's run log
     while True:
         raw = readline(MAX_LINE_BYTES)
         if not raw:
@@ -195,10 +223,14 @@ def _read_file(fh: BinaryIO, file_idx: int, rec: LogRecords, probs: _Problems) -
             if not raw.strip():
                 continue
             nonblank += 1
+            if bad is not None:
+                probs.add(bad[0], f"not valid JSON: {bad[1]}")
             if not raw.endswith(b"\n"):
+                bad = None
                 probs.add(lineno, "last line truncated (crash mid-write?); ignored", fatal=False)
             else:
-                probs.add(lineno, f"not valid JSON: {_snippet(raw)}")
+                # Judged at the next record: a torn line followed by a resume banner is a crash.
+                bad = (lineno, _snippet(raw))
             continue
         nonblank += 1
         if type(obj) is not dict:
@@ -206,9 +238,16 @@ def _read_file(fh: BinaryIO, file_idx: int, rec: LogRecords, probs: _Problems) -
             continue
         kind = obj.get("type", "step" if "step" in obj else None)
         if kind != "step":
+            if bad is not None:
+                _judge_bad_line(bad, kind, lineno, probs)
+                bad = None
             if type(kind) is str and kind in MARKER_TYPES:
                 keep = {k: obj[k] for k in MARKER_TYPES[kind] if k in obj and _is_scalar(obj[k])}
                 rec.markers.append(Marker(len(rec.step), kind, file_idx, lineno, keep))
+                if kind == "banner":
+                    want_extra = keep.get("writer") == "trainmedic"
+            elif type(kind) is str and kind in WHOLE_TYPES:
+                _keep_whole(obj, kind, file_idx, lineno, rec, probs)
             continue
 
         step = obj.get("step")
@@ -258,14 +297,89 @@ def _read_file(fh: BinaryIO, file_idx: int, rec: LogRecords, probs: _Problems) -
             ev = nan
         else:
             bits |= EVAL
+        if want_extra:
+            # The key set is looked up again only when a record's size changes: cheap per line.
+            if len(obj) != extra_len:
+                extra_len, extra_keys = len(obj), [k for k in EXTRA_KEYS if k in obj]
+            for key in extra_keys:
+                _extra(rec, key, get(key), len(rec.step))
         step_append(step)
         present_append(bits)
         loss_append(loss)
         lr_append(lr)
         gn_append(gn)
         ev_append(ev)
+    if bad is not None:
+        probs.add(bad[0], f"not valid JSON: {bad[1]}")
     if nonblank == 0:
         rec.notes.append(f"{fh.name}: log file is empty")
+
+
+def _extra(rec: LogRecords, key: str, value: Any, index: int) -> None:
+    if type(value) is not float:
+        if type(value) is not int or not -1e308 < value < 1e308:
+            return  # extras are optional context: a non-number is skipped, not a problem
+        value = float(value)
+    col = rec.extra.get(key)
+    if col is None:
+        col = rec.extra[key] = (array("q"), array("d"))
+    col[0].append(index)
+    col[1].append(value)
+
+
+def _judge_bad_line(bad: tuple[int, str], kind: Any, lineno: int, probs: _Problems) -> None:
+    """An invalid line right before a banner is the torn last line of a crashed writer that a
+    resumed writer appended to: tolerated like a torn last line. Anything else is garbage."""
+    if kind == "banner" and bad[0] == lineno - 1:
+        probs.add(bad[0], "line truncated before a resume banner (crash mid-write?); ignored", fatal=False)
+    else:
+        probs.add(bad[0], f"not valid JSON: {bad[1]}")
+
+
+def _keep_whole(
+    obj: dict[str, Any], kind: str, file_idx: int, lineno: int, rec: LogRecords, probs: _Problems
+) -> None:
+    """Validate an event/action/eval record and keep it as a marker (the slow path: rare records)."""
+    step = obj.get("step")
+    if type(step) is not int:
+        step = _coerce_step(step)
+        if step is None:
+            probs.add(lineno, f"{kind} record without a usable 'step' ({_short(obj.get('step'))}); skipped")
+            return
+    elif not -_INT64_MAX <= step <= _INT64_MAX:
+        probs.add(lineno, f"'step' out of range ({_short(step)}); skipped")
+        return
+    if kind == "eval":
+        ev = obj.get("eval_loss", obj.get("val_loss"))
+        if ev is None:
+            return  # other eval metrics only: nothing `check` reads
+        if type(ev) is not float:
+            ev = _number(ev, "eval_loss", lineno, probs)
+            if ev is None:
+                return
+        fields: dict[str, Any] = {"type": "eval", "step": step, "eval_loss": ev}
+    elif kind == "event":
+        fields = {**obj, "step": step}
+        sev = obj.get("severity", "warn")
+        if type(sev) is not str or sev not in SEVERITIES:
+            probs.add(lineno, f"event severity {_short(sev)} is not info, warn or fail; read as warn", False)
+            sev = "warn"
+        fields["severity"] = sev
+        if type(obj.get("rule")) is not str:
+            fields["rule"] = "unknown"
+        if type(obj.get("message")) is not str:
+            fields["message"] = ""
+    else:
+        if type(obj.get("action")) is not str:
+            name = _short(obj.get("action"))
+            probs.add(lineno, f"action record without an 'action' name ({name}); skipped")
+            return
+        fields = {**obj, "step": step}
+    if rec.kept_records >= MAX_KEPT_RECORDS:
+        rec.dropped_records += 1
+        return
+    rec.kept_records += 1
+    rec.markers.append(Marker(len(rec.step), kind, file_idx, lineno, fields))
 
 
 def _number(value: Any, key: str, lineno: int, probs: _Problems) -> float | None:

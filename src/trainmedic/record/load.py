@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from trainmedic.findings import Problem
@@ -38,6 +39,8 @@ def _load(path: Path) -> Run:
         return hf.read_state_file(path)
     if layout is Layout.JSONL:
         return read_jsonl_run(path, found.files)
+    if layout is Layout.WATCHED_HF_OUTPUT_DIR:
+        return read_watched_output_dir(path, found.files)
     run = Run(path=path, layout=layout.value)
     if found.note:
         run.notes.append(found.note)
@@ -51,4 +54,37 @@ def read_jsonl_run(path: Path, files: list[Path]) -> Run:
     run = Run(path=path, layout=layout.value)
     if fill_latest_run(run, rec, run_label) is None:
         run.notes.append("the log holds no training run (no step or banner records)")
+    return run
+
+
+def read_watched_output_dir(root: Path, logs: list[Path]) -> Run:
+    """An HF output dir with trainmedic's run log: curves, events and actions from the per-step
+    log (every step, raw losses, what the watcher did), optimizer and adapter as for a plain
+    output dir. Logs without a trainmedic banner are not a live record: read the dir without them.
+    """
+    rec = read_logs(logs)
+    if "trainmedic" not in rec.writers():
+        has_hf = bool(hf.checkpoints(root)) or os.path.lexists(root / hf.STATE_NAME)
+        if has_hf or hf.weights_file(root) is not None:
+            run = hf.read_output_dir(root)
+            run.notes.append("logs/train-*.jsonl has no trainmedic banner: not read as a live record")
+            return run
+        return read_jsonl_run(root, logs)
+    run = Run(path=root, layout=Layout.WATCHED_HF_OUTPUT_DIR.value)
+    seg = fill_latest_run(run, rec, run_label)
+    if seg is None:
+        run.notes.append("the run log holds no training run (no step or banner records)")
+    else:
+        run.notes.append(f"curves, events and actions from the trainmedic run log ({len(rec.files)} file(s))")
+    ckpts = hf.checkpoints(root)
+    chosen = hf.newest_complete(ckpts, run)
+    judged = hf.read_output_artifacts(root, run, chosen, len(ckpts))
+    run.label = f"{run.label}, {judged}" if run.label else judged
+    last = int(run.train_loss.steps[-1]) if len(run.train_loss) else None
+    saved_at = next((n for n, c in ckpts if c == chosen), None)
+    if saved_at is not None and last is not None and saved_at > last:
+        run.notes.append(
+            f"checkpoint-{saved_at} is past the judged run's last logged step {last}: "
+            "it may come from an earlier run in this directory"
+        )
     return run

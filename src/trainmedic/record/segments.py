@@ -4,7 +4,13 @@ Two trainings in one store must never be merged into one curve: a diverging seco
 would hide behind a healthy first one. A run starts at a banner with a new `run_id`, or where the
 step counter restarts (a step at or below the run's first step) without a banner. A step that goes
 back to a point inside the current run is a resume from a checkpoint: the records overlap and the
-latest record for each step wins.
+latest record for each step wins. A banner that resumes a run (same `run_id`) after its
+`run_complete` reopens it: the earlier ending no longer describes how the run ended.
+
+The live watcher's `event`/`action` records of the judged run go to `Run.events`/`Run.actions` in
+record order (a resumed run keeps the events of the attempt it replaced: they happened). Its
+`run_complete` records (the ones with a `status`) are appended to `Run.events` too, with
+`"type": "run_complete"`; any that a later resume superseded carry `"superseded": True`.
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ def split_runs(steps: np.ndarray, markers: Sequence[Marker]) -> list[Segment]:
                 cur.end = pos
                 cur = Segment(pos, n)
                 segs.append(cur)
+            elif same:
+                cur.complete = None
             cur.banner = marker.fields
         elif marker.type == "run_complete":
             cur.complete = marker.fields
@@ -111,12 +119,49 @@ def segment_curves(rec: LogRecords, seg: Segment) -> Curves:
             return dedupe_latest(steps.copy(), vals.copy())
         return dedupe_latest(steps[mask], vals[mask])
 
+    evals = [m for m in seg.markers if m.type == "eval"]
     return Curves(
         train_loss=curve(LOSS, rec.loss),
         learning_rate=curve(LR, rec.lr),
         grad_norm=curve(GRAD_NORM, rec.grad_norm),
-        eval_loss=curve(EVAL, rec.eval_loss),
+        eval_loss=_merge_evals(rec, seg, evals) if evals else curve(EVAL, rec.eval_loss),
     )
+
+
+def segment_extras(rec: LogRecords, seg: Segment) -> dict[str, Series]:
+    """Extra curves (DPO rewards, entropy, ...) of one run, deduped like the main curves."""
+    if not rec.extra:
+        return {}
+    steps = np.frombuffer(rec.step, dtype=np.int64)
+    out = {}
+    for key, (index, values) in rec.extra.items():
+        idx = np.frombuffer(index, dtype=np.int64)
+        mask = (idx >= seg.start) & (idx < seg.end)
+        if bool(mask.any()):
+            out[key] = dedupe_latest(steps[idx[mask]], np.frombuffer(values, dtype=np.float64)[mask])
+    return out
+
+
+def _merge_evals(rec: LogRecords, seg: Segment, evals: list[Marker]) -> Series:
+    """Eval losses of step records and of `eval` records, in record order, latest wins.
+
+    A marker at `pos` was written before step record `pos`, so it sorts at `2*pos`, between step
+    records `pos-1` (`2*pos-1`) and `pos` (`2*pos+1`).
+    """
+    sl = slice(seg.start, seg.end)
+    idx = np.arange(seg.start, seg.end, dtype=np.int64)
+    if len(rec):
+        mask = (np.frombuffer(rec.present, dtype=np.uint8)[sl] & EVAL) != 0
+        col_steps = np.frombuffer(rec.step, dtype=np.int64)[sl][mask]
+        col_vals = np.frombuffer(rec.eval_loss, dtype=np.float64)[sl][mask]
+        col_keys = 2 * idx[mask] + 1
+    else:
+        col_steps, col_vals, col_keys = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
+    keys = np.concatenate([col_keys, np.array([2 * m.pos for m in evals], dtype=np.int64)])
+    steps = np.concatenate([col_steps, np.array([m.fields["step"] for m in evals], dtype=np.int64)])
+    vals = np.concatenate([col_vals, np.array([m.fields["eval_loss"] for m in evals], dtype=np.float64)])
+    order = np.argsort(keys, kind="stable")
+    return dedupe_latest(steps[order], vals[order])
 
 
 def segment_files(rec: LogRecords, seg: Segment) -> list[str]:
@@ -161,8 +206,12 @@ def fill_latest_run(run: Run, rec: LogRecords, label_for: Callable[[Segment, int
     run.train_loss, run.learning_rate = c.train_loss, c.learning_rate
     run.grad_norm, run.eval_loss = c.grad_norm, c.eval_loss
     run.label = label_for(seg, len(segs) - 1)
+    run.extra = segment_extras(rec, seg)
+    _live_records(run, seg)
     # A writer of this family ends a run with run_complete; logs without banners make no such promise.
     run.completed = True if seg.complete is not None else (False if seg.banner is not None else None)
+    if seg.complete is not None and seg.complete.get("status") in ("stopped", "crashed"):
+        run.completed = False  # the watcher's record of a run that ended before its planned end
     max_steps = (seg.banner or {}).get("max_steps")
     if type(max_steps) is int and max_steps > 0:
         run.max_steps = max_steps
@@ -172,6 +221,21 @@ def fill_latest_run(run: Run, rec: LogRecords, label_for: Callable[[Segment, int
             f"the others are listed, not judged"
         )
     return seg
+
+
+def _live_records(run: Run, seg: Segment) -> None:
+    """What a live watcher recorded for the judged run (see the module docstring)."""
+    for m in seg.markers:
+        if m.type == "event":
+            run.events.append(dict(m.fields))
+        elif m.type == "action":
+            run.actions.append(dict(m.fields))
+    for m in seg.markers:
+        if m.type == "run_complete" and "status" in m.fields:
+            end: dict[str, Any] = {"type": "run_complete", **m.fields}
+            if m.fields is not seg.complete:
+                end["superseded"] = True
+            run.events.append(end)
 
 
 def run_label(seg: Segment, ordinal: int) -> str:
