@@ -116,3 +116,29 @@ def test_rl_loss_may_be_negative() -> None:
 def test_no_curves_at_all_skips() -> None:
     run = Run(path=Path("x"), layout="test")
     assert nonfinite(run, SPEC).verdict is Verdict.SKIP
+
+
+def test_nan_steps_skipped_by_the_watcher_are_treated_not_failed() -> None:
+    import numpy as np
+
+    from trainmedic.findings import Verdict
+    from trainmedic.probes.nonfinite import NonFiniteSpec, nonfinite
+    from trainmedic.run import Run, Series
+
+    loss = np.linspace(2.0, 1.0, 40)
+    loss[20] = np.nan
+    grad = np.full(40, 0.5)
+    grad[20] = np.inf
+    run = Run(
+        path=__import__("pathlib").Path("x"),
+        layout="watched HF output dir",
+        train_loss=Series.of(np.arange(1, 41), loss),
+        grad_norm=Series.of(np.arange(1, 41), grad),
+        actions=[{"type": "action", "step": 21, "action": "skip", "reason": "non-finite"}],
+    )
+    treated = nonfinite(run, NonFiniteSpec())
+    assert treated.verdict is Verdict.WARN
+    assert "skipped by the watcher" in treated.message
+    assert treated.evidence["skipped_by_watcher"] == [21]
+    run.actions = []
+    assert nonfinite(run, NonFiniteSpec()).verdict is Verdict.FAIL

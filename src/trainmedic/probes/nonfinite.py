@@ -5,6 +5,10 @@ a broken run often shows only a non-finite `grad_norm`: that counts. dlm logs a 
 0.0 beside a NaN grad norm; that pair counts as a non-finite loss. The one pattern excluded is
 the fp16 loss scaler calibrating (see `signals.nonfinite`), and the message says so.
 
+A live watcher that skipped a step's update because its loss or gradient was non-finite left the
+weights untouched: such values are reported as treated and give WARN, not FAIL (the run log's
+`action` records say which steps were skipped).
+
 A negative loss on a likelihood objective (cross-entropy, DPO) is FAIL: -log p >= 0 for every
 probability, so a value below -`negative_tol` (beyond 4-decimal rounding and low-precision
 noise) cannot come from a correct loss. The optimiser was minimising something else (masking,
@@ -62,6 +66,12 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
     )
     bad_grad &= ~excused
     bad_eval = ~np.isfinite(ev.values)
+    skipped = _skipped_steps(run)
+    treated_loss = bad_loss & np.isin(loss.steps, skipped)
+    treated_grad = bad_grad & np.isin(grad.steps, skipped)
+    bad_loss &= ~treated_loss
+    bad_grad &= ~treated_grad
+    n_treated = int(np.union1d(loss.steps[treated_loss], grad.steps[treated_grad]).shape[0])
     objective = classify_objective(loss.values, run.extra.keys())
     negative = np.zeros(len(loss), dtype=bool)
     if is_likelihood(objective):
@@ -86,6 +96,8 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
     ):
         events.extend(event(int(s), f"non-finite {name}", "fail") for s in series.steps[mask][:100])
     events.extend(event(int(s), "negative loss", "fail") for s in loss.steps[negative][:20])
+    treated_steps = np.union1d(loss.steps[treated_loss], grad.steps[treated_grad])
+    events.extend(event(int(s), "non-finite, update skipped", "warn") for s in treated_steps[:100])
 
     excused_steps = [int(s) for s in grad.steps[excused]]
     note = f"; fp16 loss-scaler calibration at step(s) {excused_steps} excluded" if excused_steps else ""
@@ -103,12 +115,21 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
             f"impossible loss (negative): {n_neg} value(s) below -{spec.negative_tol:g}, min {lowest:.4g}, "
             f"first at step {_first(loss.steps, negative)}: loss or label bug"
         )
-    if verdict is Verdict.PASS:
+    treated_note = ""
+    if n_treated:
+        first = int(treated_steps[0])
+        treated_note = (
+            f"; {n_treated} non-finite step(s) (first {first}) had their update skipped by the watcher"
+        )
+    if verdict is Verdict.PASS and n_treated:
+        verdict = Verdict.WARN
+        message = f"no untreated NaN/Inf{treated_note}{note}"
+    elif verdict is Verdict.PASS:
         message = (
             f"no NaN/Inf in loss ({len(loss)}), grad_norm ({len(grad)}) or eval_loss ({len(ev)}) values{note}"
         )
     else:
-        message = "; ".join(problems) + note
+        message = "; ".join(problems) + treated_note + note
     evidence = {
         "counts": counts,
         "first_step": firsts,
@@ -116,12 +137,18 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
         "negative_loss_count": n_neg,
         "objective": objective.value,
         "scaler_calibration_excluded": excused_steps,
+        "skipped_by_watcher": [int(x) for x in treated_steps[:100]],
         "thresholds": spec.model_dump(exclude={"enabled", "max_events"}),
         "events": cap_events(events, spec.max_events),
     }
-    return Finding(
-        KIND, KIND, verdict, message, score=1.0 if verdict is Verdict.PASS else 0.0, evidence=evidence
-    )
+    score = {Verdict.PASS: 1.0, Verdict.WARN: 0.5}.get(verdict, 0.0)
+    return Finding(KIND, KIND, verdict, message, score=score, evidence=evidence)
+
+
+def _skipped_steps(run: Run) -> np.ndarray:
+    """Steps whose update a live watcher skipped (its `action` records)."""
+    steps = [a.get("step") for a in run.actions if a.get("action") == "skip"]
+    return np.asarray([s for s in steps if isinstance(s, int) and not isinstance(s, bool)], dtype=np.int64)
 
 
 def _dlm_nan_steps(loss: Series, grad: Series) -> np.ndarray:
