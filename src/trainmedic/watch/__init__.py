@@ -1,0 +1,30 @@
+"""Live training watcher: vitals, treatments, supervisor, run log and postmortem.
+
+`watch`, `Vitals` and friends import torch and transformers when first used; the run-log and
+postmortem modules do not, so readers can use them without the training stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainmedic.watch.config import WatchConfig
+    from trainmedic.watch.supervisor import WatchResult, watch
+    from trainmedic.watch.vitals import Vitals
+
+__all__ = ["Vitals", "WatchConfig", "WatchResult", "watch"]
+
+_WHERE = {
+    "watch": "trainmedic.watch.supervisor",
+    "WatchResult": "trainmedic.watch.supervisor",
+    "Vitals": "trainmedic.watch.vitals",
+    "WatchConfig": "trainmedic.watch.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'trainmedic.watch' has no attribute {name!r}")

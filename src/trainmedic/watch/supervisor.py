@@ -1,0 +1,113 @@
+"""`watch(trainer)`: run `trainer.train()` under supervision and say plainly how it ended.
+
+The supervisor owns what spans steps. In this version that is the run's end: a clean finish,
+a stop because a budget ran out or the loss diverged, or a crash (a postmortem is written and
+the exception re-raised, never swallowed). Rollback, OOM recovery and agreement between
+processes plug in here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainmedic.watch.config import WatchConfig
+from trainmedic.watch.events import Action, Event
+from trainmedic.watch.vitals import Vitals
+
+
+@dataclass
+class WatchResult:
+    """How a watched run ended, what was seen and what was done."""
+
+    status: str  # completed | stopped
+    reason: str
+    steps: int
+    final_loss: float | None
+    events: list[Event] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    log_path: Path | None = None
+    postmortem_path: Path | None = None
+    train_output: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed" and not any(e.severity == "fail" for e in self.events)
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for a in self.actions:
+            counts[a.action] = counts.get(a.action, 0) + 1
+        treated = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no treatment"
+        loss = f", final loss {self.final_loss:.4g}" if self.final_loss is not None else ""
+        head = f"{self.status} after {self.steps} steps ({self.reason})"
+        return f"{head}: {len(self.events)} event(s), {treated}{loss}"
+
+
+def watch(
+    trainer: Any,
+    config: WatchConfig | str | None = None,
+    *,
+    resume_from_checkpoint: str | bool | None = None,
+    echo: Any = None,
+    vitals: Vitals | None = None,
+) -> WatchResult:
+    """Train `trainer` under supervision; returns a `WatchResult` (raises what `train()` raises)."""
+    vitals = vitals or Vitals(config, echo=echo)
+    vitals.attach(trainer)
+    start = time.perf_counter()
+    try:
+        output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except BaseException as exc:
+        step = int(trainer.state.global_step)
+        reason = f"{type(exc).__name__}: {exc}"
+        vitals.close("crashed", reason, step)
+        _postmortem(trainer, vitals, "crashed", reason, time.perf_counter() - start, exc)
+        raise
+    step = int(trainer.state.global_step)
+    status, reason = (
+        ("stopped", vitals.stop_reason) if vitals.stop_reason else ("completed", "reached the end")
+    )
+    log_path = vitals.recorder.path if vitals.recorder is not None else None
+    vitals.close(status, reason, step)
+    pm = _postmortem(trainer, vitals, status, reason, time.perf_counter() - start, None)
+    last = vitals.last
+    final = last.loss if last is not None and last.loss is not None and math.isfinite(last.loss) else None
+    return WatchResult(
+        status=status,
+        reason=reason,
+        steps=step,
+        final_loss=final,
+        events=list(vitals.events),
+        actions=list(vitals.actions),
+        log_path=log_path,
+        postmortem_path=pm,
+        train_output=output,
+    )
+
+
+def _postmortem(
+    trainer: Any, vitals: Vitals, status: str, reason: str, elapsed: float, exc: BaseException | None
+) -> Path | None:
+    if not trainer.is_world_process_zero():
+        return None
+    from dataclasses import asdict
+
+    from trainmedic.watch.postmortem import write_postmortem
+    from trainmedic.watch.runlog import installed_versions
+
+    return write_postmortem(
+        Path(trainer.args.output_dir),
+        status=status,
+        reason=reason,
+        last_vitals=asdict(vitals.last) if vitals.last is not None else None,
+        events=[asdict(e) for e in vitals.events],
+        actions=[asdict(a) for a in vitals.actions],
+        config=vitals.config.to_dict(),
+        versions=installed_versions(),
+        elapsed_s=elapsed,
+        exception=exc,
+    )

@@ -1,0 +1,371 @@
+"""`Vitals`: the per-step callback. It observes and treats inside one optimizer step; what spans
+steps (budgets beyond a stop, rollback, OOM) belongs to the supervisor.
+
+Per step it records the raw training loss (captured where the Trainer computes it, once
+attached), the pre-clip global gradient norm in fp32, the learning rate, tokens and wall time;
+runs the detectors; and treats: ZClip rescales an outlier gradient, a non-finite or
+severely spiked step has its update skipped (every `p.grad = None`: no parameter or optimizer
+moment changes; the scheduler and `global_step` still advance, which the step record says).
+
+For ZClip to see the raw norm the Trainer's own clipping must be off: `Vitals` sets
+`max_grad_norm = 0` at train start and applies the user's cap itself. It also turns off
+`logging_nan_inf_filter`, which would hide a NaN loss behind the running average.
+
+Used alone (`trainer.add_callback(Vitals())`) it sees gradients every step and the loss at
+logging steps only; `watch(trainer)` or `Vitals().attach(trainer)` add the per-step loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from trainmedic.watch.config import WatchConfig
+from trainmedic.watch.detectors import Detectors
+from trainmedic.watch.events import Action, Event, StepVitals
+from trainmedic.watch.grads import drop_grads, grads_of, scale_, total_norm
+from trainmedic.watch.runlog import RunLog, installed_versions
+from trainmedic.watch.zclip import ClipDecision, ZClip
+
+logger = logging.getLogger("trainmedic")
+STATE_FILE = "trainmedic_state.json"
+# TRL logs these per micro-batch in `trainer._metrics["train"]`; they are worth a curve.
+TRL_KEYS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "reward")
+
+
+class Vitals(TrainerCallback):
+    def __init__(
+        self,
+        config: WatchConfig | str | None = None,
+        *,
+        run_log: bool = True,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config if isinstance(config, WatchConfig) else WatchConfig.preset(config or "default")
+        cfg = self.config
+        self.zclip = ZClip(alpha=cfg.zclip_alpha, z_thresh=cfg.zclip_z, warmup=cfg.zclip_warmup)
+        self.detectors = Detectors(cfg)
+        self.events: list[Event] = []
+        self.actions: list[Action] = []
+        self.counts: Counter[str] = Counter()
+        self.last: StepVitals | None = None
+        self.stop_reason: str | None = None
+        self.recorder: RunLog | None = None
+        self.run_id: str | None = None
+        self.run_log = run_log
+        self.echo = echo
+        self.user_cap: float | None = None
+        self._trainer: Any = None
+        self._params: list[torch.nn.Parameter] | None = None
+        self._loss: torch.Tensor | None = None
+        self._tokens: torch.Tensor | None = None
+        self._extra: dict[str, list[float]] = {}
+        self._t0 = 0.0
+        self._pending: StepVitals | None = None
+        self._consecutive_skips = 0
+        self._post_warmup_steps = 0
+        self._post_warmup_clips = 0
+
+    # -- wiring ----------------------------------------------------------------------------------
+    def attach(self, trainer: Any) -> Vitals:
+        """Capture each micro-batch's loss where the Trainer computes it, and add trainmedic's
+        metrics to the Trainer's own logs so every `report_to` integration shows them."""
+        self._trainer = trainer
+        handler = trainer.callback_handler
+        if self not in handler.callbacks:
+            handler.callbacks.insert(0, self)
+        original_step = trainer.training_step
+        original_log = trainer.log
+
+        def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = original_step(model, inputs, *args, **kwargs)
+            detached = loss.detach().float().reshape(())
+            self._loss = detached if self._loss is None else self._loss + detached
+            mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+            if isinstance(mask, torch.Tensor):
+                n = mask.sum()
+                self._tokens = n if self._tokens is None else self._tokens + n
+            self._collect_trl_metrics(trainer)
+            return loss
+
+        def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs or "train_loss" in logs:
+                logs.update(self.metrics())
+            original_log(logs, *args, **kwargs)
+
+        trainer.training_step = training_step
+        trainer.log = log
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        """`trainmedic/...` values for the Trainer's logs (and so TensorBoard, W&B, trackio...)."""
+        out = {
+            "trainmedic/events": float(len(self.events)),
+            "trainmedic/warnings": float(sum(e.severity != "info" for e in self.events)),
+            "trainmedic/skips": float(self.counts["skip"]),
+            "trainmedic/clips": float(self.counts["clip"]),
+        }
+        if self.last is not None and self.last.grad_norm_after_clip is not None:
+            out["trainmedic/grad_norm_after_clip"] = float(self.last.grad_norm_after_clip)
+        if self.zclip.mean is not None:
+            out["trainmedic/zclip_mean"] = float(self.zclip.mean)
+        return out
+
+    # -- the moments of a step -------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        cap = self.config.max_grad_norm
+        if cap is None and args.max_grad_norm and args.max_grad_norm > 0:
+            cap = float(args.max_grad_norm)
+        self.user_cap = cap
+        self.zclip.max_norm = cap
+        args.max_grad_norm = 0.0  # trainmedic clips (ZClip + the user's cap) itself
+        args.logging_nan_inf_filter = False  # a NaN loss must show as NaN
+        if state.global_step > 0:
+            self._restore(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+        if self.run_log and state.is_world_process_zero and self.recorder is None:
+            self.recorder = RunLog.open(
+                Path(args.output_dir),
+                run_id=self.run_id,
+                config=self.config.to_dict() | {"max_grad_norm_applied": cap},
+                versions=installed_versions(),
+                max_steps=state.max_steps,
+                resumed_from_step=state.global_step or None,
+            )
+            self.run_id = self.recorder.run_id
+        return control
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self._t0 = time.perf_counter()
+        return control
+
+    def on_pre_optimizer_step(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> Any:
+        if model is None:
+            return control
+        if self._params is None:
+            self._params = [p for p in model.parameters() if p.requires_grad]
+        self._unscale_fp16()
+        grads = grads_of(self._params)
+        norm_t = total_norm(grads)
+        loss_t = self._loss
+        if loss_t is not None:
+            loss, norm = torch.stack([loss_t.to(norm_t.device), norm_t]).tolist()  # the one sync per step
+        else:
+            loss, norm = None, float(norm_t)
+        tokens = int(self._tokens) if self._tokens is not None else None
+        self._loss = self._tokens = None
+        step = state.global_step + 1
+        lr = _lr(optimizer)
+        events, skip = self.detectors.before_update(step, loss, norm, lr)
+        after: float | None
+        if skip is not None:
+            drop_grads(self._params)
+            after = 0.0
+            self._act(Action(step, "skip", skip, {"loss": _num(loss), "grad_norm": _num(norm)}))
+            self._consecutive_skips += 1
+        else:
+            self._consecutive_skips = 0
+            decision = self.zclip.decide(norm) if self.config.zclip else _cap_only(norm, self.user_cap)
+            after = self._clip(step, grads, decision)
+            events += self.detectors.gradient(step, decision, self.zclip.mean)
+        self._pending = StepVitals(step, loss, norm, after, lr, skip is not None, tokens)
+        for event in events:
+            self._emit(event)
+        self._enforce_budgets(step, control, events)
+        return control
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        vitals = self._pending
+        if vitals is None:
+            return control
+        vitals.time = time.perf_counter() - self._t0
+        vitals.extra = {k: sum(v) / len(v) for k, v in self._extra.items() if v}
+        self._extra = {}
+        if vitals.extra:
+            self.detectors.record_extra(vitals.step, vitals.extra)
+        if state.epoch is not None:
+            vitals.extra["epoch"] = float(state.epoch)
+        self.last, self._pending = vitals, None
+        if self.recorder is not None:
+            self.recorder.write(vitals.to_record())
+        return control
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
+        # Alone (not attached), the logged loss is the only loss there is: detect on it.
+        if self._trainer is None and logs and "loss" in logs and isinstance(logs["loss"], int | float):
+            events, _ = self.detectors.before_update(state.global_step, float(logs["loss"]), None, None)
+            for event in events:
+                self._emit(event)
+            self._enforce_budgets(state.global_step, control, events)
+        return control
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
+        value = (metrics or {}).get("eval_loss")
+        eval_loss = float(value) if isinstance(value, int | float) else None
+        if self.recorder is not None and metrics:
+            self.recorder.eval(state.global_step, metrics)
+        for event in self.detectors.evaluation(state.global_step, eval_loss):
+            self._emit(event)
+        return control
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        from trainmedic.fsutil import atomic_write
+
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir() and state.is_world_process_zero:
+            import json
+
+            payload = {"zclip": self.zclip.state_dict(), "counts": dict(self.counts), "run_id": self.run_id}
+            atomic_write(ckpt / STATE_FILE, json.dumps(payload))
+        return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        for event in self.detectors.finish():
+            self._emit(event)
+        return control
+
+    def close(self, status: str, reason: str, step: int) -> None:
+        """Write the final record and release the log (the supervisor calls this once)."""
+        if self.recorder is not None:
+            self.recorder.run_complete(step, status, reason, step)
+            self.recorder.close()
+            self.recorder = None
+
+    # -- treatments ------------------------------------------------------------------------------
+    def _clip(self, step: int, grads: list[torch.Tensor], decision: ClipDecision) -> float:
+        norm = decision.norm
+        if self.zclip.ready:
+            self._post_warmup_steps += 1
+        if decision.target is None or decision.target >= norm:
+            return norm
+        scale_(grads, decision.target / (norm + 1e-12))
+        if decision.reason == "zscore":
+            self.counts["clip"] += 1
+            self._post_warmup_clips += 1
+        if decision.reason == "zscore" and decision.z is not None:
+            # the user's fixed cap is routine and shows in grad_norm_after_clip; ZClip is a treatment
+            detail = {"grad_norm": _num(norm), "clipped_to": _num(decision.target), "z": _num(decision.z)}
+            why = f"ZClip: norm {norm:.4g} is {decision.z:.1f} sigma above its running mean, rescaled"
+            self._act(Action(step, "clip", why, detail), count=False)
+        return decision.target
+
+    def _enforce_budgets(self, step: int, control: Any, events: list[Event]) -> None:
+        cfg = self.config
+        reason = None
+        if self.counts["skip"] > cfg.max_skips:
+            reason = f"{self.counts['skip']} skipped updates exceed the budget of {cfg.max_skips}"
+        elif self._consecutive_skips > cfg.max_consecutive_skips:
+            reason = (
+                f"{self._consecutive_skips} consecutive skipped updates (budget {cfg.max_consecutive_skips})"
+            )
+        elif (
+            self._post_warmup_steps >= cfg.min_steps_for_clip_budget
+            and self._post_warmup_clips > cfg.max_clip_fraction * self._post_warmup_steps
+        ):
+            reason = (
+                f"ZClip clipped {self._post_warmup_clips} of {self._post_warmup_steps} steps "
+                f"(budget {cfg.max_clip_fraction:.0%}): outliers have become the norm, the run is unstable"
+            )
+        elif cfg.stop_on_divergence and any(e.rule == "divergence" for e in events):
+            reason = next(e.message for e in events if e.rule == "divergence")
+        if reason is None or self.stop_reason is not None:
+            return
+        if not reason.startswith("diverging"):
+            self._emit(Event(step, "budget", "fail", f"treatment budget exhausted: {reason}"))
+        self.stop_reason = reason
+        self._act(Action(step, "stop", reason))
+        control.should_training_stop = True
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def _emit(self, event: Event) -> None:
+        self.events.append(event)
+        self.counts[f"event:{event.rule}"] += 1
+        if self.recorder is not None:
+            self.recorder.write(event.to_record())
+        line = f"[trainmedic] step {event.step}: {event.severity.upper()} {event.message}"
+        if self.echo is not None:
+            self.echo(line)
+        else:
+            logger.log(logging.ERROR if event.severity == "fail" else logging.WARNING, line)
+        _trackio_alert(self._trainer, event)
+
+    def _act(self, action: Action, *, count: bool = True) -> None:
+        self.actions.append(action)
+        if count:
+            self.counts[action.action] += 1
+        if self.recorder is not None:
+            self.recorder.write(action.to_record())
+        if self.echo is not None and action.action != "clip":
+            self.echo(f"[trainmedic] step {action.step}: {action.action.upper()} ({action.reason})")
+
+    def _collect_trl_metrics(self, trainer: Any) -> None:
+        metrics = getattr(trainer, "_metrics", None)
+        train = metrics.get("train") if isinstance(metrics, dict) else None
+        if not isinstance(train, dict):
+            return
+        for key in TRL_KEYS:
+            values = train.get(key)
+            if values:
+                self._extra.setdefault(key, []).append(float(values[-1]))
+
+    def _unscale_fp16(self) -> None:
+        accelerator = getattr(self._trainer, "accelerator", None)
+        if accelerator is not None and getattr(accelerator, "scaler", None) is not None:
+            accelerator.unscale_gradients()  # as the Trainer's own clipping would
+
+    def _restore(self, path: Path) -> None:
+        import json
+
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(payload, dict) and isinstance(payload.get("zclip"), dict):
+            self.zclip.load_state_dict(payload["zclip"])
+        if isinstance(payload, dict) and isinstance(payload.get("run_id"), str):
+            self.run_id = payload["run_id"]
+
+
+def _lr(optimizer: Any) -> float | None:
+    try:
+        return float(optimizer.param_groups[0]["lr"])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _cap_only(norm: float, cap: float | None) -> ClipDecision:
+    if cap is not None and math.isfinite(norm) and norm > cap:
+        return ClipDecision(norm, cap, None, "cap")
+    return ClipDecision(norm, None, None, "none")
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _trackio_alert(trainer: Any, event: Event) -> None:
+    """Raise a trackio alert for warnings and errors when trackio is the active reporter."""
+    if event.severity == "info" or trainer is None:
+        return
+    report_to = getattr(getattr(trainer, "args", None), "report_to", None) or []
+    if "trackio" not in report_to:
+        return
+    try:
+        import trackio
+    except ImportError:
+        return
+    level = trackio.AlertLevel.ERROR if event.severity == "fail" else trackio.AlertLevel.WARN
+    trackio.alert(title=f"trainmedic: {event.rule}", text=event.message, level=level)
