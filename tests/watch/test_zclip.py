@@ -125,3 +125,12 @@ def test_skipped_steps_do_not_feed_the_statistics() -> None:
     before = clip.state_dict()
     clip.decide(500.0, update=False)
     assert clip.state_dict() == before
+
+
+def test_an_outlier_under_a_lower_user_cap_is_still_a_zclip_treatment() -> None:
+    clip = ZClip(warmup=3, max_norm=1.0)
+    for g in (2.0, 2.1, 1.9):
+        clip.decide(g)
+    d = clip.decide(2000.0)
+    assert d.reason == "zscore" and d.target == 1.0
+    assert clip.decide(2.0).reason == "cap"  # an ordinary step above the cap is just capped

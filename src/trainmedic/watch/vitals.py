@@ -66,6 +66,7 @@ class Vitals(TrainerCallback):
         self._trainer: Any = None
         self._params: list[torch.nn.Parameter] | None = None
         self._loss: torch.Tensor | None = None
+        self._norm: torch.Tensor | None = None  # this step's norm, when the Trainer asked for it first
         self._tokens: torch.Tensor | None = None
         self._extra: dict[str, list[float]] = {}
         self._t0 = 0.0
@@ -84,6 +85,7 @@ class Vitals(TrainerCallback):
             handler.callbacks.insert(0, self)
         original_step = trainer.training_step
         original_log = trainer.log
+        original_norm = getattr(trainer, "_get_grad_norm", None)
 
         def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
             loss = original_step(model, inputs, *args, **kwargs)
@@ -101,8 +103,19 @@ class Vitals(TrainerCallback):
                 logs.update(self.metrics())
             original_log(logs, *args, **kwargs)
 
+        def get_grad_norm(model: Any, grad_norm: Any = None) -> Any:
+            # With the Trainer's clipping off it computes the norm only to log it: compute ours
+            # (fp32, over the trainable parameters) once, and let it log that.
+            if grad_norm is not None or original_norm is None or self._params is None:
+                return original_norm(model, grad_norm=grad_norm) if original_norm is not None else grad_norm
+            self._unscale_fp16()
+            self._norm = total_norm(grads_of(self._params))
+            return self._norm
+
         trainer.training_step = training_step
         trainer.log = log
+        if original_norm is not None:
+            trainer._get_grad_norm = get_grad_norm
         return self
 
     def metrics(self) -> dict[str, float]:
@@ -120,7 +133,9 @@ class Vitals(TrainerCallback):
         return out
 
     # -- the moments of a step -------------------------------------------------------------------
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
+        if model is not None:
+            self._params = [p for p in model.parameters() if p.requires_grad]
         cap = self.config.max_grad_norm
         if cap is None and args.max_grad_norm and args.max_grad_norm > 0:
             cap = float(args.max_grad_norm)
@@ -153,9 +168,12 @@ class Vitals(TrainerCallback):
             return control
         if self._params is None:
             self._params = [p for p in model.parameters() if p.requires_grad]
-        self._unscale_fp16()
         grads = grads_of(self._params)
-        norm_t = total_norm(grads)
+        norm_t = self._norm
+        if norm_t is None:
+            self._unscale_fp16()
+            norm_t = total_norm(grads)
+        self._norm = None
         loss_t = self._loss
         if loss_t is not None:
             loss, norm = torch.stack([loss_t.to(norm_t.device), norm_t]).tolist()  # the one sync per step

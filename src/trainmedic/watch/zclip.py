@@ -87,8 +87,11 @@ class ZClip:
         std = math.sqrt(max(self.var, 0.0))
         adaptive = self.mean + (self.z_thresh**2) * std / z if z > self.z_thresh else None
         target, reason = (adaptive, "zscore") if adaptive is not None else (None, "none")
-        if self.max_norm is not None and (adaptive if adaptive is not None else norm) > self.max_norm:
-            target, reason = self.max_norm, "cap"  # a user limit on top; the statistics ignore it
+        if self.max_norm is not None:  # a user limit on top; the statistics ignore it
+            if adaptive is not None:
+                target = min(adaptive, self.max_norm)
+            elif norm > self.max_norm:
+                target, reason = self.max_norm, "cap"
         if update:
             effective = adaptive if adaptive is not None else norm
             self.mean = self.alpha * self.mean + (1 - self.alpha) * effective

@@ -1,0 +1,102 @@
+"""The supervisor's end of a run: budgets, crashes, postmortems and the Trainer's own logs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from transformers import TrainerCallback  # noqa: E402
+
+from trainmedic.watch import watch  # noqa: E402
+from trainmedic.watch.events import Event  # noqa: E402
+from trainmedic.watch.vitals import _trackio_alert  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base() -> Path:
+    from trainmedic.toy.base import toy_base
+
+    return toy_base()
+
+
+def quiet(_: str) -> None:
+    return None
+
+
+def test_poison_on_every_step_exhausts_the_skip_budget_and_stops_with_a_diagnosis(
+    base: Path, tmp_path: Path
+) -> None:
+    from trainmedic.toy.training import toy_trainer
+
+    trainer = toy_trainer(tmp_path, base=base, steps=40)
+    original = trainer.compute_loss
+
+    def compute_loss(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        if trainer.state.global_step >= 10:
+            return out * float("nan") if not isinstance(out, tuple) else (out[0] * float("nan"), *out[1:])
+        return out
+
+    trainer.compute_loss = compute_loss
+    result = watch(trainer, echo=quiet)
+    assert result.status == "stopped"
+    assert "consecutive skipped updates" in result.reason
+    assert result.steps < 20
+    assert any(e.rule == "budget" and e.severity == "fail" for e in result.events)
+    pm = json.loads((tmp_path / "trainmedic-postmortem.json").read_text())
+    assert pm["status"] == "stopped"
+
+
+def test_a_crash_is_re_raised_with_a_postmortem_and_a_closed_log(base: Path, tmp_path: Path) -> None:
+    from trainmedic.record.load import load_run
+    from trainmedic.toy.training import toy_trainer
+
+    trainer = toy_trainer(tmp_path, base=base, steps=30)
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 7:
+                raise RuntimeError("disk on fire")
+
+    trainer.add_callback(Boom())
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        watch(trainer, echo=quiet)
+    pm = json.loads((tmp_path / "trainmedic-postmortem.json").read_text())
+    assert pm["status"] == "crashed"
+    assert "disk on fire" in json.dumps(pm)
+    run = load_run(tmp_path)
+    assert run.completed is False
+    assert len(run.train_loss) == 7
+
+
+def test_trainmedic_metrics_reach_the_trainers_own_logs(base: Path, tmp_path: Path) -> None:
+    from trainmedic.toy.training import toy_trainer
+
+    trainer = toy_trainer(tmp_path, base=base, steps=6, logging_steps=2)
+    watch(trainer, echo=quiet)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("trainmedic/skips" in h and "trainmedic/clips" in h for h in logged)
+
+
+def test_trackio_gets_an_alert_for_warnings_when_it_is_the_reporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+    fake = types.SimpleNamespace(
+        AlertLevel=types.SimpleNamespace(WARN="warn", ERROR="error"),
+        alert=lambda **kw: calls.append(kw),
+    )
+    monkeypatch.setitem(sys.modules, "trackio", fake)
+    trainer = types.SimpleNamespace(args=types.SimpleNamespace(report_to=["trackio"]))
+    _trackio_alert(trainer, Event(3, "loss_spike", "warn", "spike"))
+    _trackio_alert(trainer, Event(4, "divergence", "fail", "diverged"))
+    _trackio_alert(trainer, Event(5, "note", "info", "fyi"))
+    assert [c["level"] for c in calls] == ["warn", "error"]
+    trainer.args.report_to = ["tensorboard"]
+    _trackio_alert(trainer, Event(6, "loss_spike", "warn", "spike"))
+    assert len(calls) == 2
