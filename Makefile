@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TM := $(VENV)/bin/trainmedic
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck bench clean
+.PHONY: setup demo test lint typecheck bench bench-watch clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ typecheck: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+bench-watch: setup
+	$(PY) bench/watch_overhead.py
 
 clean:
 	rm -rf demo-out bench/.data .pytest_cache .mypy_cache .ruff_cache

@@ -100,3 +100,40 @@ def test_trackio_gets_an_alert_for_warnings_when_it_is_the_reporter(monkeypatch:
     trainer.args.report_to = ["tensorboard"]
     _trackio_alert(trainer, Event(6, "loss_spike", "warn", "spike"))
     assert len(calls) == 2
+
+
+def test_a_resumed_run_restores_zclip_and_keeps_its_run_id(base: Path, tmp_path: Path) -> None:
+    from trainmedic.record.load import load_run
+    from trainmedic.toy.training import toy_trainer
+    from trainmedic.watch import Vitals
+
+    seen: dict[str, Any] = {}
+
+    class Snapshot(TrainerCallback):
+        def __init__(self, vitals: Vitals) -> None:
+            self.vitals = vitals
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 30:
+                seen["zclip"] = self.vitals.zclip.state_dict()
+
+    first = Vitals(echo=quiet)
+    trainer = toy_trainer(tmp_path, base=base, steps=40, save_strategy="steps", save_steps=30)
+    trainer.add_callback(Snapshot(first))
+    watch(trainer, vitals=first)
+    assert seen["zclip"]["mean"] is not None  # past the 25-step warm-up
+
+    second = Vitals(echo=quiet)
+    restored: dict[str, Any] = {}
+
+    class AtStart(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            restored["zclip"] = second.zclip.state_dict()
+
+    again = toy_trainer(tmp_path, base=base, steps=40, save_strategy="steps", save_steps=30)
+    again.add_callback(AtStart())
+    watch(again, vitals=second, resume_from_checkpoint=str(tmp_path / "checkpoint-30"))
+    assert restored["zclip"] == seen["zclip"]
+    assert second.run_id == first.run_id
+    run = load_run(tmp_path)
+    assert len(run.train_loss) == 40  # steps 31-40 replayed: latest record wins, one run

@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from trainmedic.watch.config import WatchConfig
 from trainmedic.watch.detectors import Detectors
 from trainmedic.watch.events import Action, Event, StepVitals
-from trainmedic.watch.grads import drop_grads, grads_of, scale_, total_norm
+from trainmedic.watch.grads import agree, drop_grads, grads_of, scale_, total_norm
 from trainmedic.watch.runlog import RunLog, installed_versions
 from trainmedic.watch.zclip import ClipDecision, ZClip
 
@@ -176,7 +176,8 @@ class Vitals(TrainerCallback):
         self._norm = None
         loss_t = self._loss
         if loss_t is not None:
-            loss, norm = torch.stack([loss_t.to(norm_t.device), norm_t]).tolist()  # the one sync per step
+            # every rank averages the loss (the norm is already global): one collective, one sync
+            loss, norm = agree(torch.stack([loss_t.to(norm_t.device), norm_t])).tolist()
         else:
             loss, norm = None, float(norm_t)
         tokens = int(self._tokens) if self._tokens is not None else None
