@@ -82,6 +82,7 @@ CASES = [
         None,
         _dlm_135m,
         9,
+        STATE,
     ),
     Case(
         "dlm-52mb",
@@ -90,6 +91,7 @@ CASES = [
         None,
         _dlm_52mb,
         9,
+        STATE,
     ),
     Case("log-1m", "1,000,000-step JSONL log (~155 MB)", 3.0, 300.0, _log_1m, 5),
     Case("hf-1000", "1,000 small HF run directories in one call", 15.0, None, _hf_1000, 3),
