@@ -137,3 +137,32 @@ def test_a_resumed_run_restores_zclip_and_keeps_its_run_id(base: Path, tmp_path:
     assert second.run_id == first.run_id
     run = load_run(tmp_path)
     assert len(run.train_loss) == 40  # steps 31-40 replayed: latest record wins, one run
+
+
+def test_attaching_twice_does_not_count_the_loss_twice(base: Path, tmp_path: Path) -> None:
+    from trainmedic.toy.training import toy_trainer
+    from trainmedic.watch import Vitals
+
+    once = watch(toy_trainer(tmp_path / "a", base=base, steps=5), echo=quiet)
+    vitals = Vitals(echo=quiet)
+    trainer = toy_trainer(tmp_path / "b", base=base, steps=5)
+    vitals.attach(trainer)
+    twice = watch(trainer, vitals=vitals)
+    assert once.final_loss is not None and twice.final_loss is not None
+    assert abs(twice.final_loss - once.final_loss) < 1e-6
+
+
+def test_watch_certifies_checkpoints_after_a_clean_window_and_logs_it(base: Path, tmp_path: Path) -> None:
+    from trainmedic.record.load import load_run
+    from trainmedic.toy.training import toy_trainer
+    from trainmedic.watch.checkpoints import newest_certified
+
+    trainer = toy_trainer(tmp_path, base=base, steps=30, save_strategy="steps", save_steps=10)
+    watch(trainer, echo=quiet)
+    assert (tmp_path / "checkpoint-10" / "trainmedic-certified.json").is_file()
+    assert newest_certified(tmp_path) == tmp_path / "checkpoint-20"  # 30 has no clean window after it
+    (log,) = (tmp_path / "logs").glob("train-*.jsonl")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    certified = [r for r in records if r["type"] == "checkpoint" and r.get("certified")]
+    assert [r["step"] for r in certified] == [10, 20]
+    assert load_run(tmp_path).completed

@@ -73,6 +73,12 @@ class WatchConfig(BaseModel):
         50, ge=1, description="steps after warm-up before that fraction applies"
     )
 
+    # Certified checkpoints
+    certify_after: int = Field(
+        10, ge=1, description="clean optimizer steps after a save before the checkpoint is certified"
+    )
+    keep_certified: int = Field(2, ge=1, description="certified checkpoints kept out of rotation")
+
     @classmethod
     def preset(cls, name: str) -> WatchConfig:
         """`default`, `aggressive` (low tolerance) or `conservative` (only clear failures)."""

@@ -8,6 +8,7 @@ processes plug in here.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any
 from trainmedic.watch.config import WatchConfig
 from trainmedic.watch.events import Action, Event
 from trainmedic.watch.vitals import Vitals
+
+logger = logging.getLogger("trainmedic")
 
 
 @dataclass
@@ -54,10 +57,25 @@ def watch(
     resume_from_checkpoint: str | bool | None = None,
     echo: Any = None,
     vitals: Vitals | None = None,
+    preflight: int = 2,
 ) -> WatchResult:
-    """Train `trainer` under supervision; returns a `WatchResult` (raises what `train()` raises)."""
+    """Train `trainer` under supervision; returns a `WatchResult` (raises what `train()` raises).
+
+    `preflight` batches are first run forward and backward with the model left untouched, so a
+    shape, dtype, data or memory error surfaces before the long run starts (0 turns it off).
+    """
     vitals = vitals or Vitals(config, echo=echo)
+    if preflight and not resume_from_checkpoint:
+        stopped = _preflight(trainer, vitals, preflight, echo)
+        if stopped is not None:
+            return stopped
+    if vitals.oom is None:
+        from trainmedic.watch.oom import OomGuard
+
+        # beneath Vitals: a piece that fits must not be counted again when a later piece fails
+        vitals.oom = OomGuard(on_action=vitals._act).attach(trainer)
     vitals.attach(trainer)
+    _certify(trainer, vitals)
     start = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -86,6 +104,48 @@ def watch(
         log_path=log_path,
         postmortem_path=pm,
         train_output=output,
+    )
+
+
+def _certify(trainer: Any, vitals: Vitals) -> None:
+    """Certify checkpoints only after a clean window, and keep certified ones out of rotation."""
+    from trainmedic.watch.checkpoints import Certifier
+
+    if any(isinstance(cb, Certifier) for cb in trainer.callback_handler.callbacks):
+        return
+
+    def report(step: int, path: Path, /, **fields: Any) -> None:
+        if vitals.recorder is not None:
+            vitals.recorder.checkpoint(step, path, **fields)
+
+    certifier = Certifier(
+        clean_steps=vitals.config.certify_after, keep_certified=vitals.config.keep_certified, report=report
+    )
+    trainer.add_callback(certifier)
+    vitals.trouble_listeners.append(certifier.trouble)
+
+
+def _preflight(trainer: Any, vitals: Vitals, batches: int, echo: Any) -> WatchResult | None:
+    """Run the preflight; a failed one stops before training, with the reason and a postmortem."""
+    from trainmedic.watch.preflight import preflight as run_preflight
+
+    check = run_preflight(trainer, batches=batches)
+    say = echo if echo is not None else logger.info
+    say(f"[trainmedic] {check.summary()}")
+    if check.ok:
+        return None
+    for event in check.events():
+        vitals.events.append(event)
+        say(f"[trainmedic] preflight: {event.message}")
+    reason = check.summary()
+    pm = _postmortem(trainer, vitals, "stopped", reason, check.seconds, None)
+    return WatchResult(
+        status="stopped",
+        reason=reason,
+        steps=0,
+        final_loss=None,
+        events=list(vitals.events),
+        postmortem_path=pm,
     )
 
 

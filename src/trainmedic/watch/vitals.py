@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from trainmedic.watch.checkpoints import breaks_clean_window
 from trainmedic.watch.config import WatchConfig
 from trainmedic.watch.detectors import Detectors
 from trainmedic.watch.events import Action, Event, StepVitals
@@ -63,6 +64,9 @@ class Vitals(TrainerCallback):
         self.run_log = run_log
         self.echo = echo
         self.user_cap: float | None = None
+        self.oom: Any = None  # the supervisor's OomGuard, whose learned split is saved with checkpoints
+        # told of every step that breaks a clean window (the Certifier voids pending certifications)
+        self.trouble_listeners: list[Callable[[int, str], None]] = []
         self._trainer: Any = None
         self._params: list[torch.nn.Parameter] | None = None
         self._loss: torch.Tensor | None = None
@@ -79,6 +83,8 @@ class Vitals(TrainerCallback):
     def attach(self, trainer: Any) -> Vitals:
         """Capture each micro-batch's loss where the Trainer computes it, and add trainmedic's
         metrics to the Trainer's own logs so every `report_to` integration shows them."""
+        if self._trainer is trainer:
+            return self  # wrapping twice would count every micro-batch's loss twice
         self._trainer = trainer
         handler = trainer.callback_handler
         if self not in handler.callbacks:
@@ -185,20 +191,24 @@ class Vitals(TrainerCallback):
         step = state.global_step + 1
         lr = _lr(optimizer)
         events, skip = self.detectors.before_update(step, loss, norm, lr)
+        for event in events:  # what was seen, then what was done about it
+            self._emit(event)
         after: float | None
         if skip is not None:
             drop_grads(self._params)
+            self._trouble(step, skip)
             after = 0.0
             self._act(Action(step, "skip", skip, {"loss": _num(loss), "grad_norm": _num(norm)}))
             self._consecutive_skips += 1
         else:
             self._consecutive_skips = 0
             decision = self.zclip.decide(norm) if self.config.zclip else _cap_only(norm, self.user_cap)
+            grad_events = self.detectors.gradient(step, decision, self.zclip.mean)
+            for event in grad_events:
+                self._emit(event)
+            events += grad_events
             after = self._clip(step, grads, decision)
-            events += self.detectors.gradient(step, decision, self.zclip.mean)
         self._pending = StepVitals(step, loss, norm, after, lr, skip is not None, tokens)
-        for event in events:
-            self._emit(event)
         self._enforce_budgets(step, control, events)
         return control
 
@@ -248,6 +258,8 @@ class Vitals(TrainerCallback):
             import json
 
             payload = {"zclip": self.zclip.state_dict(), "counts": dict(self.counts), "run_id": self.run_id}
+            if self.oom is not None:
+                payload["oom"] = self.oom.state_dict()
             atomic_write(ckpt / STATE_FILE, json.dumps(payload))
         return control
 
@@ -311,6 +323,11 @@ class Vitals(TrainerCallback):
     # -- bookkeeping -----------------------------------------------------------------------------
     def _emit(self, event: Event) -> None:
         self.events.append(event)
+        if event.severity != "info" and breaks_clean_window(event.rule):
+            self._trouble(event.step, event.message)
+            onset = event.evidence.get("onset_step")
+            if isinstance(onset, int) and onset != event.step:
+                self._trouble(onset, event.message)
         self.counts[f"event:{event.rule}"] += 1
         if self.recorder is not None:
             self.recorder.write(event.to_record())
@@ -321,14 +338,19 @@ class Vitals(TrainerCallback):
             logger.log(logging.ERROR if event.severity == "fail" else logging.WARNING, line)
         _trackio_alert(self._trainer, event)
 
+    def _trouble(self, step: int, why: str) -> None:
+        for listen in self.trouble_listeners:
+            listen(step, why)
+
     def _act(self, action: Action, *, count: bool = True) -> None:
         self.actions.append(action)
         if count:
             self.counts[action.action] += 1
         if self.recorder is not None:
             self.recorder.write(action.to_record())
-        if self.echo is not None and action.action != "clip":
-            self.echo(f"[trainmedic] step {action.step}: {action.action.upper()} ({action.reason})")
+        if self.echo is not None and action.action != "clip":  # clips are routine; events say why
+            verb = {"skip": "update skipped", "stop": "stopping the run"}.get(action.action, action.action)
+            self.echo(f"[trainmedic] step {action.step}: {verb}: {action.reason}")
 
     def _collect_trl_metrics(self, trainer: Any) -> None:
         metrics = getattr(trainer, "_metrics", None)
@@ -356,6 +378,8 @@ class Vitals(TrainerCallback):
             self.zclip.load_state_dict(payload["zclip"])
         if isinstance(payload, dict) and isinstance(payload.get("run_id"), str):
             self.run_id = payload["run_id"]
+        if isinstance(payload, dict) and isinstance(payload.get("oom"), dict) and self.oom is not None:
+            self.oom.load_state_dict(payload["oom"])
 
 
 def _lr(optimizer: Any) -> float | None:
