@@ -38,7 +38,7 @@ class WatchConfig(BaseModel):
     )
     divergence_patience: int = Field(3, ge=1, description="consecutive smoothed points above the bar")
     stop_on_divergence: bool = Field(
-        True, description="stop with a diagnosis on a confirmed divergence (no in-step treatment helps)"
+        True, description="end the attempt on a confirmed divergence: roll back, or stop with a diagnosis"
     )
     # ZClip (Kumar et al. 2025)
     zclip: bool = Field(True, description="adaptive z-score clipping of the total gradient norm")
@@ -73,6 +73,11 @@ class WatchConfig(BaseModel):
         50, ge=1, description="steps after warm-up before that fraction applies"
     )
 
+    # Rollback: the rung above skip, below stop
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks to a certified checkpoint before stopping")
+    rollback_lr_factor: float = Field(
+        0.5, gt=0, lt=1, description="learning-rate multiplier applied at each rollback (cumulative)"
+    )
     # Certified checkpoints
     certify_after: int = Field(
         10, ge=1, description="clean optimizer steps after a save before the checkpoint is certified"

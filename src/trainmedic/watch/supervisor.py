@@ -17,7 +17,7 @@ from typing import Any
 
 from trainmedic.watch.config import WatchConfig
 from trainmedic.watch.events import Action, Event
-from trainmedic.watch.vitals import Vitals
+from trainmedic.watch.vitals import RollbackRequest, Vitals
 
 logger = logging.getLogger("trainmedic")
 
@@ -78,7 +78,7 @@ def watch(
     _certify(trainer, vitals)
     start = time.perf_counter()
     try:
-        output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        output = _train_with_rollbacks(trainer, vitals, resume_from_checkpoint)
     except BaseException as exc:
         step = int(trainer.state.global_step)
         reason = f"{type(exc).__name__}: {exc}"
@@ -105,6 +105,56 @@ def watch(
         postmortem_path=pm,
         train_output=output,
     )
+
+
+def _train_with_rollbacks(trainer: Any, vitals: Vitals, resume: str | bool | None) -> Any:
+    """The escalation ladder's top rungs. Inside a step Vitals clips and skips; when a budget runs
+    out or the loss diverges it ends the attempt and asks for a rollback, which is carried out
+    here until the rollback budget is spent, after which Vitals stops the run itself."""
+    cfg = vitals.config
+    rollbacks = 0
+    vitals.can_roll_back = cfg.max_rollbacks > 0
+    while True:
+        output = trainer.train(resume_from_checkpoint=resume)
+        request = vitals.rollback_request
+        if request is None:
+            return output
+        resume = _roll_back(trainer, vitals, request)
+        if resume is None:
+            return output
+        rollbacks += 1
+        vitals.can_roll_back = rollbacks < cfg.max_rollbacks
+
+
+def _roll_back(trainer: Any, vitals: Vitals, request: RollbackRequest) -> str | None:
+    """Rewind to the newest certified checkpoint from before the trouble began, with a really lower
+    learning rate, skipping the data window that led to the trouble. None: nowhere to go, stop."""
+    from trainmedic.watch.checkpoints import newest_certified
+
+    ckpt = newest_certified(Path(trainer.args.output_dir), before_step=request.onset)
+    if ckpt is None:
+        reason = f"{request.reason}; no certified checkpoint from before step {request.onset} to roll back to"
+        vitals.stop_reason = reason
+        vitals._act(Action(request.step, "stop", reason))
+        vitals.rollback_request = None
+        return None
+    to_step = int(ckpt.name.rsplit("-", 1)[1])
+    vitals.lr_scale *= vitals.config.rollback_lr_factor
+    window = max(request.step - to_step, 0)
+    vitals.skip_batches = window * int(trainer.args.gradient_accumulation_steps)
+    why = (
+        f"{request.reason}: back to {ckpt.name} (certified), learning rate x{vitals.lr_scale:g}, "
+        f"skipping the data of steps {to_step + 1}-{request.step}"
+    )
+    detail = {
+        "to": str(ckpt),
+        "to_step": to_step,
+        "lr_scale": vitals.lr_scale,
+        "skipped_batches": vitals.skip_batches,
+    }
+    vitals._act(Action(request.step, "rollback", why, detail))
+    vitals.rewind(to_step)
+    return str(ckpt)
 
 
 def _certify(trainer: Any, vitals: Vitals) -> None:

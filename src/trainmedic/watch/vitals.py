@@ -22,6 +22,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,13 @@ class Vitals(TrainerCallback):
         self._t0 = 0.0
         self._pending: StepVitals | None = None
         self._consecutive_skips = 0
+        self._cap_known = False
+        # rollback: asked for by the budgets/divergence, carried out by the supervisor
+        self.can_roll_back = False
+        self.rollback_request: RollbackRequest | None = None
+        self.lr_scale = 1.0  # cumulative LR reduction from rollbacks, applied on every (re)start
+        self._checkpoint_lr_scale = 1.0  # the scale the resumed checkpoint was trained with
+        self.skip_batches = 0  # micro-batches to drop after a rollback (the data window that hurt)
         self._post_warmup_steps = 0
         self._post_warmup_clips = 0
 
@@ -118,8 +126,23 @@ class Vitals(TrainerCallback):
             self._norm = total_norm(grads_of(self._params))
             return self._norm
 
+        original_batches = getattr(trainer, "get_batch_samples", None)
+
+        def get_batch_samples(epoch_iterator: Any, num_batches: int, *args: Any, **kwargs: Any) -> Any:
+            # after a rollback, drop the micro-batches that led to the trouble (PaLM's recipe)
+            while self.skip_batches > 0:
+                try:
+                    next(epoch_iterator)
+                except StopIteration:
+                    self.skip_batches = 0
+                    break
+                self.skip_batches -= 1
+            return original_batches(epoch_iterator, num_batches, *args, **kwargs)  # type: ignore[misc]
+
         trainer.training_step = training_step
         trainer.log = log
+        if original_batches is not None:
+            trainer.get_batch_samples = get_batch_samples
         if original_norm is not None:
             trainer._get_grad_norm = get_grad_norm
         return self
@@ -142,15 +165,20 @@ class Vitals(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         if model is not None:
             self._params = [p for p in model.parameters() if p.requires_grad]
-        cap = self.config.max_grad_norm
-        if cap is None and args.max_grad_norm and args.max_grad_norm > 0:
-            cap = float(args.max_grad_norm)
-        self.user_cap = cap
+        if not self._cap_known:  # a second train() (resume, rollback) finds our own 0 there
+            cap = self.config.max_grad_norm
+            if cap is None and args.max_grad_norm and args.max_grad_norm > 0:
+                cap = float(args.max_grad_norm)
+            self.user_cap, self._cap_known = cap, True
+        cap = self.user_cap
         self.zclip.max_norm = cap
         args.max_grad_norm = 0.0  # trainmedic clips (ZClip + the user's cap) itself
         args.logging_nan_inf_filter = False  # a NaN loss must show as NaN
+        self._checkpoint_lr_scale = 1.0
         if state.global_step > 0:
             self._restore(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+        factor = self.lr_scale / self._checkpoint_lr_scale
+        scale_lr(kwargs.get("optimizer"), kwargs.get("lr_scheduler"), factor)
         if self.run_log and state.is_world_process_zero and self.recorder is None:
             self.recorder = RunLog.open(
                 Path(args.output_dir),
@@ -257,7 +285,12 @@ class Vitals(TrainerCallback):
         if ckpt.is_dir() and state.is_world_process_zero:
             import json
 
-            payload = {"zclip": self.zclip.state_dict(), "counts": dict(self.counts), "run_id": self.run_id}
+            payload: dict[str, Any] = {
+                "zclip": self.zclip.state_dict(),
+                "counts": dict(self.counts),
+                "run_id": self.run_id,
+                "lr_scale": self.lr_scale,
+            }
             if self.oom is not None:
                 payload["oom"] = self.oom.state_dict()
             atomic_write(ckpt / STATE_FILE, json.dumps(payload))
@@ -312,13 +345,16 @@ class Vitals(TrainerCallback):
             )
         elif cfg.stop_on_divergence and any(e.rule == "divergence" for e in events):
             reason = next(e.message for e in events if e.rule == "divergence")
-        if reason is None or self.stop_reason is not None:
+        if reason is None or self.stop_reason is not None or self.rollback_request is not None:
             return
         if not reason.startswith("diverging"):
             self._emit(Event(step, "budget", "fail", f"treatment budget exhausted: {reason}"))
+        control.should_training_stop = True
+        if self.can_roll_back:
+            self.rollback_request = RollbackRequest(step, self._trouble_onset(step, events), reason)
+            return
         self.stop_reason = reason
         self._act(Action(step, "stop", reason))
-        control.should_training_stop = True
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _emit(self, event: Event) -> None:
@@ -338,6 +374,27 @@ class Vitals(TrainerCallback):
             logger.log(logging.ERROR if event.severity == "fail" else logging.WARNING, line)
         _trackio_alert(self._trainer, event)
 
+    def _trouble_onset(self, step: int, events: list[Event]) -> int:
+        """Where the trouble began: a divergence's onset, or the first of the skips in a row."""
+        onsets = [e.evidence.get("onset_step") for e in events if e.rule == "divergence"]
+        found = [o for o in onsets if isinstance(o, int)]
+        if found:
+            return min(found)
+        return step - max(self._consecutive_skips - 1, 0)
+
+    def rewind(self, to_step: int) -> None:
+        """Forget what happened after `to_step` (a rollback will recompute it): detectors are
+        rebuilt and fed the surviving history, so they agree with a check of the final log."""
+        old = self.detectors
+        self.detectors = Detectors(self.config)
+        keep = [(s, v) for s, v in zip(old.steps, old.losses, strict=True) if s <= to_step]
+        lrs = dict(zip(old.lr_steps, old.lrs, strict=True))
+        for s, v in keep:
+            self.detectors.before_update(s, v, None, lrs.get(s))
+        self.rollback_request = None
+        self._consecutive_skips = 0
+        self._post_warmup_steps = self._post_warmup_clips = 0
+
     def _trouble(self, step: int, why: str) -> None:
         for listen in self.trouble_listeners:
             listen(step, why)
@@ -349,7 +406,8 @@ class Vitals(TrainerCallback):
         if self.recorder is not None:
             self.recorder.write(action.to_record())
         if self.echo is not None and action.action != "clip":  # clips are routine; events say why
-            verb = {"skip": "update skipped", "stop": "stopping the run"}.get(action.action, action.action)
+            verbs = {"skip": "update skipped", "stop": "stopping the run", "rollback": "rolling back"}
+            verb = verbs.get(action.action, action.action)
             self.echo(f"[trainmedic] step {action.step}: {verb}: {action.reason}")
 
     def _collect_trl_metrics(self, trainer: Any) -> None:
@@ -378,8 +436,35 @@ class Vitals(TrainerCallback):
             self.zclip.load_state_dict(payload["zclip"])
         if isinstance(payload, dict) and isinstance(payload.get("run_id"), str):
             self.run_id = payload["run_id"]
+        if isinstance(payload, dict) and isinstance(payload.get("lr_scale"), int | float):
+            self._checkpoint_lr_scale = float(payload["lr_scale"])
         if isinstance(payload, dict) and isinstance(payload.get("oom"), dict) and self.oom is not None:
             self.oom.load_state_dict(payload["oom"])
+
+
+@dataclass(frozen=True)
+class RollbackRequest:
+    step: int  # where the run stopped
+    onset: int  # where the trouble began: roll back to a certified checkpoint before it
+    reason: str
+
+
+def scale_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
+    """Multiply the learning rate the run will really use from now on.
+
+    Resuming restores the optimizer's `lr`/`initial_lr` and the scheduler's `base_lrs` from the
+    checkpoint, so changing `args.learning_rate` does nothing; these are what must change.
+    """
+    if factor == 1.0 or optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _lr(optimizer: Any) -> float | None:

@@ -1,0 +1,121 @@
+"""Rollback: to a certified checkpoint from before the trouble, with a really lower learning rate."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from transformers import TrainerCallback  # noqa: E402
+
+from trainmedic.watch import WatchConfig, watch  # noqa: E402
+
+# Certify 5 clean steps after each save every 10 steps: short enough for a CPU test.
+CFG = WatchConfig(certify_after=5)
+
+
+@pytest.fixture(scope="module")
+def base() -> Path:
+    from trainmedic.toy.base import toy_base
+
+    return toy_base()
+
+
+def quiet(_: str) -> None:
+    return None
+
+
+class LrBlowUp(TrainerCallback):
+    """Multiplies the learning rate by 100 at step `at` (once, or on every pass if `persist`)."""
+
+    def __init__(self, trainer: Any, at: int, *, persist: bool = False) -> None:
+        self.trainer, self.at, self.persist, self.fired = trainer, at, persist, False
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step + 1 == self.at and (self.persist or not self.fired):
+            self.fired = True
+            sched = self.trainer.lr_scheduler
+            sched.base_lrs = [lr * 100 for lr in sched.base_lrs]
+            for group in self.trainer.optimizer.param_groups:
+                group["lr"] *= 100
+
+
+def step_records(out: Path) -> list[dict[str, Any]]:
+    (log,) = (out / "logs").glob("train-*.jsonl")
+    return [r for r in map(json.loads, log.read_text().splitlines()) if r["type"] == "step"]
+
+
+def trainer_for(base: Path, out: Path, steps: int = 80) -> Any:
+    from trainmedic.toy.base import load_base
+    from trainmedic.toy.data import lm_dataset
+    from trainmedic.toy.training import toy_trainer
+
+    # more data than the steps need: the skipped window's batches are dropped, not replayed
+    _, tokenizer = load_base(base)
+    data = lm_dataset(tokenizer, n=1024, seq_len=64, seed=0)
+    return toy_trainer(out, base=base, steps=steps, save_strategy="steps", save_steps=10, train_dataset=data)
+
+
+def test_divergence_rolls_back_with_half_the_learning_rate_really_used(base: Path, tmp_path: Path) -> None:
+    trainer = trainer_for(base, tmp_path)
+    trainer.add_callback(LrBlowUp(trainer, at=45))
+    result = watch(trainer, CFG, echo=quiet)
+    rollbacks = [a for a in result.actions if a.action == "rollback"]
+    assert len(rollbacks) == 1, result.summary()
+    to_step = rollbacks[0].detail["to_step"]
+    assert to_step < 45
+    assert result.status == "completed" and result.steps == 80
+    # the same step logged twice: before the rollback and after it; the second LR is half the first
+    seen: dict[int, list[float]] = {}
+    for rec in step_records(tmp_path):
+        seen.setdefault(rec["step"], []).append(rec["lr"])
+    probe = to_step + 2
+    before, after = seen[probe][0], seen[probe][-1]
+    assert after == pytest.approx(before * 0.5, rel=1e-6)
+    assert result.final_loss is not None and math.isfinite(result.final_loss)
+
+
+def test_nan_weights_are_rolled_back_to_a_finite_certified_checkpoint(base: Path, tmp_path: Path) -> None:
+    trainer = trainer_for(base, tmp_path, steps=60)
+
+    class Poison(TrainerCallback):
+        done = False
+
+        def on_step_begin(
+            self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+        ) -> None:
+            if state.global_step + 1 == 35 and not self.done:
+                self.done = True
+                p = next(p for p in model.parameters() if p.requires_grad)
+                with torch.no_grad():
+                    p.fill_(float("nan"))
+
+    trainer.add_callback(Poison())
+    result = watch(trainer, CFG, echo=quiet)
+    assert [a.action for a in result.actions].count("rollback") == 1, result.summary()
+    assert result.status == "completed"
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_without_a_certified_checkpoint_it_stops_and_says_why(base: Path, tmp_path: Path) -> None:
+    from trainmedic.toy.training import toy_trainer
+
+    trainer = toy_trainer(tmp_path, base=base, steps=80)  # no checkpoints at all
+    trainer.add_callback(LrBlowUp(trainer, at=45))
+    result = watch(trainer, CFG, echo=quiet)
+    assert result.status == "stopped"
+    assert "no certified checkpoint" in result.reason
+    assert not [a for a in result.actions if a.action == "rollback"]
+
+
+def test_rollbacks_have_a_budget(base: Path, tmp_path: Path) -> None:
+    trainer = trainer_for(base, tmp_path)
+    trainer.add_callback(LrBlowUp(trainer, at=45, persist=True))  # the fault comes back every time
+    result = watch(trainer, WatchConfig(certify_after=5, max_rollbacks=1), echo=quiet)
+    assert [a.action for a in result.actions].count("rollback") == 1
+    assert result.status == "stopped"
