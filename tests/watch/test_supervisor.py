@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 from transformers import TrainerCallback  # noqa: E402
 
 from trainmedic.watch import watch  # noqa: E402
+from trainmedic.watch.alerts import trackio_alert  # noqa: E402
 from trainmedic.watch.events import Event  # noqa: E402
-from trainmedic.watch.vitals import _trackio_alert  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +93,12 @@ def test_trackio_gets_an_alert_for_warnings_when_it_is_the_reporter(monkeypatch:
     )
     monkeypatch.setitem(sys.modules, "trackio", fake)
     trainer = types.SimpleNamespace(args=types.SimpleNamespace(report_to=["trackio"]))
-    _trackio_alert(trainer, Event(3, "loss_spike", "warn", "spike"))
-    _trackio_alert(trainer, Event(4, "divergence", "fail", "diverged"))
-    _trackio_alert(trainer, Event(5, "note", "info", "fyi"))
+    trackio_alert(trainer, Event(3, "loss_spike", "warn", "spike"))
+    trackio_alert(trainer, Event(4, "divergence", "fail", "diverged"))
+    trackio_alert(trainer, Event(5, "note", "info", "fyi"))
     assert [c["level"] for c in calls] == ["warn", "error"]
     trainer.args.report_to = ["tensorboard"]
-    _trackio_alert(trainer, Event(6, "loss_spike", "warn", "spike"))
+    trackio_alert(trainer, Event(6, "loss_spike", "warn", "spike"))
     assert len(calls) == 2
 
 

@@ -19,7 +19,7 @@ from trainmedic.signals.nonfinite import NonFiniteDetector
 from trainmedic.signals.spikes import SpikeDetector, SpikeRule
 from trainmedic.signals.trend import DivergenceDetector, DivergenceRule
 from trainmedic.watch.config import WatchConfig
-from trainmedic.watch.events import Event
+from trainmedic.watch.events import Event, finite_or_none
 from trainmedic.watch.zclip import ClipDecision
 
 
@@ -66,7 +66,7 @@ class Detectors:
                     f"nonfinite_{'grad' if series == 'grad_norm' else series}",
                     "fail",
                     f"{series.replace('_', ' ')} is {flag.value} at step {flag.step}",
-                    {"value": _num(flag.value)},
+                    {"value": finite_or_none(flag.value)},
                 )
             )
         if (loss is not None and not math.isfinite(loss)) or (
@@ -87,7 +87,7 @@ class Detectors:
                         "warn",
                         f"{sev_word}loss spike at step {step}: {loss:.4g} above the threshold "
                         f"{spike.threshold:.4g} set by the recent noise ({self.cfg.spike_k:g} sigma)",
-                        {"loss": _num(loss), "threshold": _num(spike.threshold)},
+                        {"loss": finite_or_none(loss), "threshold": finite_or_none(spike.threshold)},
                     )
                 )
             if severe is not None and skip is None:
@@ -101,7 +101,11 @@ class Detectors:
                         "fail",
                         f"diverging: the smoothed loss has stayed above {div.threshold:.4g} since step "
                         f"{div.onset_step} (a {self.cfg.divergence_rise:.0%} rise over its best)",
-                        {"loss": _num(loss), "threshold": _num(div.threshold), "onset_step": div.onset_step},
+                        {
+                            "loss": finite_or_none(loss),
+                            "threshold": finite_or_none(div.threshold),
+                            "onset_step": div.onset_step,
+                        },
                     )
                 )
         if lr is not None and math.isfinite(lr):
@@ -126,7 +130,7 @@ class Detectors:
                     f"{running_mean:.4g}"
                     if running_mean is not None
                     else f"gradient norm {norm:.4g} exploded",
-                    {"grad_norm": _num(norm), "z": _num(z)},
+                    {"grad_norm": finite_or_none(norm), "z": finite_or_none(z)},
                 )
             )
         floor = cfg.vanish_floor
@@ -141,7 +145,7 @@ class Detectors:
                     "warn",
                     f"gradient norm has stayed below {floor:.3g} for {cfg.vanish_patience} steps "
                     f"(now {norm:.3g}): the update has stopped reaching the trainable weights",
-                    {"grad_norm": _num(norm), "floor": _num(floor)},
+                    {"grad_norm": finite_or_none(norm), "floor": finite_or_none(floor)},
                 )
             )
         return events
@@ -196,10 +200,6 @@ class Detectors:
             return []
         self._reported.add("not_learning")
         return [Event(step, "not_learning", "fail", f"not learning: {finding.message}", {})]
-
-
-def _num(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 _LIVE = Path("<live>")

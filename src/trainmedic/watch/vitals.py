@@ -22,18 +22,20 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+from trainmedic.watch.alerts import trackio_alert
+from trainmedic.watch.capture import wire
 from trainmedic.watch.checkpoints import breaks_clean_window
 from trainmedic.watch.config import WatchConfig
 from trainmedic.watch.detectors import Detectors
-from trainmedic.watch.events import Action, Event, StepVitals
+from trainmedic.watch.events import Action, Event, StepVitals, finite_or_none
 from trainmedic.watch.grads import agree, drop_grads, grads_of, scale_, total_norm
+from trainmedic.watch.rollback import RollbackRequest, scale_lr
 from trainmedic.watch.runlog import RunLog, installed_versions
 from trainmedic.watch.zclip import ClipDecision, ZClip
 
@@ -97,54 +99,7 @@ class Vitals(TrainerCallback):
         handler = trainer.callback_handler
         if self not in handler.callbacks:
             handler.callbacks.insert(0, self)
-        original_step = trainer.training_step
-        original_log = trainer.log
-        original_norm = getattr(trainer, "_get_grad_norm", None)
-
-        def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-            loss = original_step(model, inputs, *args, **kwargs)
-            detached = loss.detach().float().reshape(())
-            self._loss = detached if self._loss is None else self._loss + detached
-            mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-            if isinstance(mask, torch.Tensor):
-                n = mask.sum()
-                self._tokens = n if self._tokens is None else self._tokens + n
-            self._collect_trl_metrics(trainer)
-            return loss
-
-        def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if "loss" in logs or "train_loss" in logs:
-                logs.update(self.metrics())
-            original_log(logs, *args, **kwargs)
-
-        def get_grad_norm(model: Any, grad_norm: Any = None) -> Any:
-            # With the Trainer's clipping off it computes the norm only to log it: compute ours
-            # (fp32, over the trainable parameters) once, and let it log that.
-            if grad_norm is not None or original_norm is None or self._params is None:
-                return original_norm(model, grad_norm=grad_norm) if original_norm is not None else grad_norm
-            self._unscale_fp16()
-            self._norm = total_norm(grads_of(self._params))
-            return self._norm
-
-        original_batches = getattr(trainer, "get_batch_samples", None)
-
-        def get_batch_samples(epoch_iterator: Any, num_batches: int, *args: Any, **kwargs: Any) -> Any:
-            # after a rollback, drop the micro-batches that led to the trouble (PaLM's recipe)
-            while self.skip_batches > 0:
-                try:
-                    next(epoch_iterator)
-                except StopIteration:
-                    self.skip_batches = 0
-                    break
-                self.skip_batches -= 1
-            return original_batches(epoch_iterator, num_batches, *args, **kwargs)  # type: ignore[misc]
-
-        trainer.training_step = training_step
-        trainer.log = log
-        if original_batches is not None:
-            trainer.get_batch_samples = get_batch_samples
-        if original_norm is not None:
-            trainer._get_grad_norm = get_grad_norm
+        wire(self, trainer)
         return self
 
     def metrics(self) -> dict[str, float]:
@@ -226,7 +181,9 @@ class Vitals(TrainerCallback):
             drop_grads(self._params)
             self._trouble(step, skip)
             after = 0.0
-            self._act(Action(step, "skip", skip, {"loss": _num(loss), "grad_norm": _num(norm)}))
+            self._act(
+                Action(step, "skip", skip, {"loss": finite_or_none(loss), "grad_norm": finite_or_none(norm)})
+            )
             self._consecutive_skips += 1
         else:
             self._consecutive_skips = 0
@@ -321,7 +278,11 @@ class Vitals(TrainerCallback):
             self._post_warmup_clips += 1
         if decision.reason == "zscore" and decision.z is not None:
             # the user's fixed cap is routine and shows in grad_norm_after_clip; ZClip is a treatment
-            detail = {"grad_norm": _num(norm), "clipped_to": _num(decision.target), "z": _num(decision.z)}
+            detail = {
+                "grad_norm": finite_or_none(norm),
+                "clipped_to": finite_or_none(decision.target),
+                "z": finite_or_none(decision.z),
+            }
             why = f"ZClip: norm {norm:.4g} is {decision.z:.1f} sigma above its running mean, rescaled"
             self._act(Action(step, "clip", why, detail), count=False)
         return decision.target
@@ -372,7 +333,7 @@ class Vitals(TrainerCallback):
             self.echo(line)
         else:
             logger.log(logging.ERROR if event.severity == "fail" else logging.WARNING, line)
-        _trackio_alert(self._trainer, event)
+        trackio_alert(self._trainer, event)
 
     def _trouble_onset(self, step: int, events: list[Event]) -> int:
         """Where the trouble began: a divergence's onset, or the first of the skips in a row."""
@@ -442,31 +403,6 @@ class Vitals(TrainerCallback):
             self.oom.load_state_dict(payload["oom"])
 
 
-@dataclass(frozen=True)
-class RollbackRequest:
-    step: int  # where the run stopped
-    onset: int  # where the trouble began: roll back to a certified checkpoint before it
-    reason: str
-
-
-def scale_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
-    """Multiply the learning rate the run will really use from now on.
-
-    Resuming restores the optimizer's `lr`/`initial_lr` and the scheduler's `base_lrs` from the
-    checkpoint, so changing `args.learning_rate` does nothing; these are what must change.
-    """
-    if factor == 1.0 or optimizer is None:
-        return
-    for group in optimizer.param_groups:
-        group["lr"] *= factor
-        if "initial_lr" in group:
-            group["initial_lr"] *= factor
-    if scheduler is not None and hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-        if hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
 def _lr(optimizer: Any) -> float | None:
     try:
         return float(optimizer.param_groups[0]["lr"])
@@ -478,22 +414,3 @@ def _cap_only(norm: float, cap: float | None) -> ClipDecision:
     if cap is not None and math.isfinite(norm) and norm > cap:
         return ClipDecision(norm, cap, None, "cap")
     return ClipDecision(norm, None, None, "none")
-
-
-def _num(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-def _trackio_alert(trainer: Any, event: Event) -> None:
-    """Raise a trackio alert for warnings and errors when trackio is the active reporter."""
-    if event.severity == "info" or trainer is None:
-        return
-    report_to = getattr(getattr(trainer, "args", None), "report_to", None) or []
-    if "trackio" not in report_to:
-        return
-    try:
-        import trackio
-    except ImportError:
-        return
-    level = trackio.AlertLevel.ERROR if event.severity == "fail" else trackio.AlertLevel.WARN
-    trackio.alert(title=f"trainmedic: {event.rule}", text=event.message, level=level)
