@@ -255,6 +255,7 @@ class OomGuard:
                 why = f"a single example does not fit (micro-batch of {size}{cut})"
                 raise self._hopeless(exc, size, why) from exc
             self._last_error = _short(exc)
+            _no_second_buffer_sync(model)
         return None
 
     # -- gradients -------------------------------------------------------------------------------
@@ -364,6 +365,21 @@ class OomGuard:
             f"out of memory at step {step} and splitting cannot help: {why}. Next: {then}. ({_short(exc)})"
         )
         return OomNotRecoverable(message, step=step, micro_batch=size, split=self.split, fallback=fallback)
+
+
+def _no_second_buffer_sync(model: Any) -> None:
+    """Keep the ranks' collectives in step after an OOM on one rank only.
+
+    DDP broadcasts the module buffers (rotary tables, norms' statistics) at the start of a forward
+    that follows a synchronised one, and the failed forward already did: the other ranks, which
+    ran this micro-batch once, broadcast once. Re-running its pieces must not broadcast again, or
+    the extra broadcast pairs with another rank's gradient all-reduce and every rank waits forever.
+    The last piece's backward still syncs the gradients once, like an unsplit micro-batch.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model.require_forward_param_sync = False
 
 
 @contextlib.contextmanager
