@@ -157,6 +157,33 @@ def probes() -> None:
     Console().print(table)
 
 
+@app.command()
+def resume(
+    output_dir: Annotated[Path, typer.Argument(help="The output_dir of a run killed mid-way.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be run, and run nothing.")
+    ] = False,
+) -> None:
+    """Continue a killed run from its newest certified checkpoint, with the command it was
+    launched with (same directory, same Python) and TRAINMEDIC_RESUME=1, which makes watch()
+    resume. Exits with the command's own exit code; 2 when there is nothing to resume."""
+    from trainmedic.watch.resume import ResumeError, plan_resume
+
+    try:
+        plan = plan_resume(output_dir)
+    except ResumeError as exc:
+        raise _usage_error(str(exc)) from None
+    print(plan.describe(), flush=True)
+    if dry_run:
+        print("(dry run: nothing was started)")
+        raise typer.Exit(EXIT_OK)
+    try:
+        code = plan.run()
+    except ResumeError as exc:
+        raise _usage_error(str(exc)) from None
+    raise typer.Exit(code)
+
+
 def _render(fmt: str, reports: list[RunReport], fail_on: str) -> str:
     if fmt == "markdown":
         from trainmedic.report import markdown

@@ -12,6 +12,10 @@ Every open starts a new file, `<output_dir>/logs/train-<run_id>-<YYYYmmddTHHMMSS
 with a banner; a resumed run passes its `run_id` again and `resumed_from_step`, and readers join
 the files by run id, the latest record of a step winning. A file is never truncated.
 
+Every banner also records how the process was launched (`launch`: argv, cwd, the Python
+executable and the launcher's environment), so `trainmedic resume OUTPUT_DIR` can start the same
+command again after the process died.
+
 Pure Python on purpose (no torch): the supervisor hands in Python numbers.
 """
 
@@ -22,6 +26,7 @@ import os
 import platform
 import re
 import secrets
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib import metadata
@@ -39,6 +44,15 @@ VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "num
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
 _ORJSON_OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 _SIMPLE = (str, int, bool, type(None))
+# What torchrun/accelerate set that a relaunch needs: how many processes, on how many nodes.
+LAUNCH_ENV = (
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 class RunLog:
@@ -118,6 +132,7 @@ class RunLog:
                 "versions": {**installed_versions(), **dict(versions or {})},
                 "max_steps": _opt_int(max_steps),
                 "resumed_from_step": _opt_int(resumed_from_step),
+                "launch": launch_record(),
                 **extra,
             }
         )
@@ -342,6 +357,28 @@ def installed_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def launch_record() -> dict[str, Any]:
+    """How this process was started: enough to start the same command again (`trainmedic resume`).
+
+    `orig_argv` keeps `-m module` and interpreter flags that `argv` loses; `env` holds only the
+    launcher's variables (never the whole environment: it may hold secrets).
+    """
+    return {
+        "argv": list(sys.argv),
+        "orig_argv": list(getattr(sys, "orig_argv", sys.argv)),
+        "cwd": _cwd(),
+        "python": sys.executable,
+        "env": {k: os.environ[k] for k in LAUNCH_ENV if k in os.environ},
+    }
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # the directory was deleted under us
+        return None
 
 
 def _now() -> datetime:

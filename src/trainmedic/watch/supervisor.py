@@ -17,6 +17,7 @@ from typing import Any
 
 from trainmedic.watch.config import WatchConfig
 from trainmedic.watch.events import Action, Event
+from trainmedic.watch.retry import RetryPolicy
 from trainmedic.watch.vitals import RollbackRequest, Vitals
 
 logger = logging.getLogger("trainmedic")
@@ -54,17 +55,30 @@ def watch(
     trainer: Any,
     config: WatchConfig | str | None = None,
     *,
+    resume: bool | None = None,
     resume_from_checkpoint: str | bool | None = None,
     echo: Any = None,
     vitals: Vitals | None = None,
     preflight: int = 2,
+    retry: RetryPolicy | None = None,
 ) -> WatchResult:
     """Train `trainer` under supervision; returns a `WatchResult` (raises what `train()` raises).
 
     `preflight` batches are first run forward and backward with the model left untouched, so a
     shape, dtype, data or memory error surfaces before the long run starts (0 turns it off).
+    `resume=True` (or the environment variable `TRAINMEDIC_RESUME=1`, which `trainmedic resume`
+    sets) continues from the newest certified checkpoint of `output_dir`, treatment state and
+    run log included, or starts from scratch, saying so, when there is none; an explicit
+    `resume_from_checkpoint` wins. Transient network errors of hub pushes and reporters are
+    retried with backoff (`retry`, default `RetryPolicy()`), each retry logged as an action.
     """
+    from trainmedic.watch.resume import resolve_resume
+    from trainmedic.watch.retry import install_retries
+
     vitals = vitals or Vitals(config, echo=echo)
+    resume_from_checkpoint = resolve_resume(
+        trainer, vitals, resume, resume_from_checkpoint, echo if echo is not None else logger.info
+    )
     if preflight and not resume_from_checkpoint:
         stopped = _preflight(trainer, vitals, preflight, echo)
         if stopped is not None:
@@ -76,6 +90,7 @@ def watch(
         vitals.oom = OomGuard(on_action=vitals._act).attach(trainer)
     vitals.attach(trainer)
     _certify(trainer, vitals)
+    install_retries(trainer, vitals._act, retry)
     start = time.perf_counter()
     try:
         output = _train_with_rollbacks(trainer, vitals, resume_from_checkpoint)
@@ -112,7 +127,7 @@ def _train_with_rollbacks(trainer: Any, vitals: Vitals, resume: str | bool | Non
     out or the loss diverges it ends the attempt and asks for a rollback, which is carried out
     here until the rollback budget is spent, after which Vitals stops the run itself."""
     cfg = vitals.config
-    rollbacks = 0
+    rollbacks = vitals.counts["rollback"]  # a resumed run keeps the budget it had spent
     vitals.can_roll_back = cfg.max_rollbacks > 0
     while True:
         output = trainer.train(resume_from_checkpoint=resume)
@@ -131,7 +146,9 @@ def _roll_back(trainer: Any, vitals: Vitals, request: RollbackRequest) -> str | 
     learning rate, skipping the data window that led to the trouble. None: nowhere to go, stop."""
     from trainmedic.watch.checkpoints import newest_certified
 
-    ckpt = newest_certified(Path(trainer.args.output_dir), before_step=request.onset)
+    # rank 0 chooses and every rank follows: a choice read from disk must not race rank 0's writes
+    mine = newest_certified(Path(trainer.args.output_dir), before_step=request.onset)
+    ckpt = _from_rank_zero(mine if trainer.is_world_process_zero() else None)
     if ckpt is None:
         reason = f"{request.reason}; no certified checkpoint from before step {request.onset} to roll back to"
         vitals.stop_reason = reason
@@ -155,6 +172,17 @@ def _roll_back(trainer: Any, vitals: Vitals, request: RollbackRequest) -> str | 
     vitals._act(Action(request.step, "rollback", why, detail))
     vitals.rewind(to_step)
     return str(ckpt)
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's value on every rank (a no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def _certify(trainer: Any, vitals: Vitals) -> None:
