@@ -40,3 +40,8 @@ bench-watch: setup
 
 clean:
 	rm -rf demo-out bench/.data .pytest_cache .mypy_cache .ruff_cache
+
+# Fault injection, plain Trainer vs watch (a few minutes; rewrites the table in bench/README.md).
+.PHONY: bench-faults
+bench-faults: setup
+	$(PY) bench/faults.py
