@@ -106,7 +106,7 @@ def main(scenario: str, base: Path, out: Path, reports: Path, at: int) -> None:
         _, tokenizer = load_base(base)
         # more data than the steps need: the skipped window's batches are dropped, not replayed
         kw |= {"save_strategy": "steps", "save_steps": 10, "train_dataset": lm_dataset(tokenizer, n=512)}
-        config = WatchConfig(certify_after=5)
+        config = WatchConfig(certify_after=5, cap_lr_jumps=False)  # let the LR fault reach the loss
     steps = {"nan": 20, "diverge": 40, "oom": 12}[scenario]
     trainer = toy_trainer(out, base=base, steps=steps, **kw)
     clock = Clock()

@@ -15,8 +15,9 @@ from transformers import TrainerCallback  # noqa: E402
 
 from trainmedic.watch import WatchConfig, watch  # noqa: E402
 
-# Certify 5 clean steps after each save every 10 steps: short enough for a CPU test.
-CFG = WatchConfig(certify_after=5)
+# Certify 5 clean steps after each save every 10 steps: short enough for a CPU test. The LR faults
+# here must reach the loss, so the in-step cap of learning-rate jumps is off.
+CFG = WatchConfig(certify_after=5, cap_lr_jumps=False)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,19 @@ def test_without_a_certified_checkpoint_it_stops_and_says_why(base: Path, tmp_pa
 def test_rollbacks_have_a_budget(base: Path, tmp_path: Path) -> None:
     trainer = trainer_for(base, tmp_path)
     trainer.add_callback(LrBlowUp(trainer, at=45, persist=True))  # the fault comes back every time
-    result = watch(trainer, WatchConfig(certify_after=5, max_rollbacks=1), echo=quiet)
+    result = watch(trainer, WatchConfig(certify_after=5, max_rollbacks=1, cap_lr_jumps=False), echo=quiet)
     assert [a.action for a in result.actions].count("rollback") == 1
     assert result.status == "stopped"
+
+
+def test_a_learning_rate_jump_is_capped_before_it_hurts(base: Path, tmp_path: Path) -> None:
+    trainer = trainer_for(base, tmp_path)
+    trainer.add_callback(LrBlowUp(trainer, at=45))
+    result = watch(trainer, WatchConfig(certify_after=5), echo=quiet)
+    assert result.status == "completed" and result.steps == 80
+    caps = [a for a in result.actions if a.action == "lr_cap"]
+    assert [a.step for a in caps] == [45]
+    assert not [a for a in result.actions if a.action in ("rollback", "skip", "stop")]
+    assert any(e.rule == "lr_jump" and e.step == 45 for e in result.events)
+    lrs = {rec["step"]: rec["lr"] for rec in step_records(tmp_path)}
+    assert lrs[45] == pytest.approx(lrs[44]) and lrs[70] == pytest.approx(lrs[44])  # the update never used it

@@ -73,6 +73,12 @@ class WatchConfig(BaseModel):
         50, ge=1, description="steps after warm-up before that fraction applies"
     )
 
+    lr_jump_ratio: float = Field(
+        3.0, gt=1, description="a learning rate this many times its highest so far is a jump, not a schedule"
+    )
+    cap_lr_jumps: bool = Field(
+        True, description="bring a jumped learning rate back to its highest so far, before the update"
+    )
     # Rollback: the rung above skip, below stop
     max_rollbacks: int = Field(3, ge=0, description="rollbacks to a certified checkpoint before stopping")
     rollback_lr_factor: float = Field(

@@ -109,6 +109,18 @@ class Detectors:
                     )
                 )
         if lr is not None and math.isfinite(lr):
+            peak = max(self.lrs, default=0.0)
+            if peak > 0 and lr > self.cfg.lr_jump_ratio * peak:
+                events.append(
+                    Event(
+                        step,
+                        "lr_jump",
+                        "warn",
+                        f"learning rate jumped to {lr:.3g} at step {step}, x{lr / peak:.3g} its highest "
+                        "so far: no ordinary schedule does that",
+                        {"lr": lr, "previous_peak": peak, "ratio": lr / peak},
+                    )
+                )
             self.lr_steps.append(step)
             self.lrs.append(lr)
         if step >= self.cfg.plateau_min_steps and step % self.cfg.plateau_every == 0:
@@ -149,6 +161,11 @@ class Detectors:
                 )
             )
         return events
+
+    def correct_lr(self, lr: float) -> None:
+        """The step's learning rate after a treatment changed it (what the update really used)."""
+        if self.lrs:
+            self.lrs[-1] = lr
 
     def record_extra(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():

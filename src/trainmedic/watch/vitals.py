@@ -176,6 +176,7 @@ class Vitals(TrainerCallback):
         events, skip = self.detectors.before_update(step, loss, norm, lr)
         for event in events:  # what was seen, then what was done about it
             self._emit(event)
+        lr = self._cap_lr_jump(step, events, optimizer, kwargs.get("lr_scheduler"), lr)
         after: float | None
         if skip is not None:
             drop_grads(self._params)
@@ -287,6 +288,22 @@ class Vitals(TrainerCallback):
             self._act(Action(step, "clip", why, detail), count=False)
         return decision.target
 
+    def _cap_lr_jump(
+        self, step: int, events: list[Event], optimizer: Any, scheduler: Any, lr: float | None
+    ) -> float | None:
+        """Undo a learning-rate jump before the update uses it (optimizer and scheduler alike, so it
+        stays undone); a schedule never multiplies its own peak, so the jump is a bug or a fault."""
+        jump = next((e for e in events if e.rule == "lr_jump"), None)
+        if jump is None or not self.config.cap_lr_jumps or lr is None:
+            return lr
+        ratio = float(jump.evidence["ratio"])
+        scale_lr(optimizer, scheduler, 1.0 / ratio)
+        capped = _lr(optimizer)
+        self.detectors.correct_lr(capped if capped is not None else lr / ratio)
+        why = f"learning rate x{ratio:.3g} above its highest so far: brought back to {lr / ratio:.3g}"
+        self._act(Action(step, "lr_cap", why, {"from": lr, "to": lr / ratio, "ratio": ratio}))
+        return capped
+
     def _enforce_budgets(self, step: int, control: Any, events: list[Event]) -> None:
         cfg = self.config
         reason = None
@@ -367,7 +384,12 @@ class Vitals(TrainerCallback):
         if self.recorder is not None:
             self.recorder.write(action.to_record())
         if self.echo is not None and action.action != "clip":  # clips are routine; events say why
-            verbs = {"skip": "update skipped", "stop": "stopping the run", "rollback": "rolling back"}
+            verbs = {
+                "skip": "update skipped",
+                "stop": "stopping the run",
+                "rollback": "rolling back",
+                "lr_cap": "learning rate capped",
+            }
             verb = verbs.get(action.action, action.action)
             self.echo(f"[trainmedic] step {action.step}: {verb}: {action.reason}")
 
