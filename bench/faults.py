@@ -48,7 +48,7 @@ SEQ_LEN = 64
 EVAL_BLOCKS = 96  # held out from the same packed stream: blocks the training never sees
 TRAIN_BLOCKS = 1872  # 234 steps of data for a 200-step run: a rollback drops its skipped window
 CONFIG = WatchConfig(certify_after=10)
-INTERVENTIONS = ("skip", "clip", "rollback", "oom_split", "stop")
+INTERVENTIONS = ("skip", "clip", "lr_cap", "rollback", "oom_split", "retry", "stop")
 LOSS_TARGET = 0.05
 RECOMPUTE_TARGET = 0.10
 
