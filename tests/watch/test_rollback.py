@@ -47,8 +47,11 @@ class LrBlowUp(TrainerCallback):
 
 
 def step_records(out: Path) -> list[dict[str, Any]]:
-    (log,) = (out / "logs").glob("train-*.jsonl")
-    return [r for r in map(json.loads, log.read_text().splitlines()) if r["type"] == "step"]
+    """Step records of every log file of the run, oldest file first (a resume opens a new one)."""
+    lines = [
+        line for log in sorted((out / "logs").glob("train-*.jsonl")) for line in log.read_text().splitlines()
+    ]
+    return [r for r in map(json.loads, lines) if r["type"] == "step"]
 
 
 def trainer_for(base: Path, out: Path, steps: int = 80) -> Any:
@@ -133,3 +136,21 @@ def test_a_learning_rate_jump_is_capped_before_it_hurts(base: Path, tmp_path: Pa
     assert any(e.rule == "lr_jump" and e.step == 45 for e in result.events)
     lrs = {rec["step"]: rec["lr"] for rec in step_records(tmp_path)}
     assert lrs[45] == pytest.approx(lrs[44]) and lrs[70] == pytest.approx(lrs[44])  # the update never used it
+
+
+def test_a_resume_after_a_rollback_drops_the_same_data_again(base: Path, tmp_path: Path) -> None:
+    """The Trainer fast-forwards its data by step count alone; batches a rollback dropped must be
+    dropped again on a later resume, or every later step would see different data."""
+    trainer = trainer_for(base, tmp_path)
+    trainer.add_callback(LrBlowUp(trainer, at=45))
+    result = watch(trainer, CFG, echo=quiet)
+    assert [a.action for a in result.actions].count("rollback") == 1
+    first = {rec["step"]: rec["loss"] for rec in step_records(tmp_path)}  # latest record wins
+    state = json.loads((tmp_path / "checkpoint-60" / "trainmedic_state.json").read_text())
+    assert state["dropped"] > 0
+
+    again = trainer_for(base, tmp_path)
+    watch(again, CFG, echo=quiet, resume_from_checkpoint=str(tmp_path / "checkpoint-60"))
+    second = {rec["step"]: rec["loss"] for rec in step_records(tmp_path)}
+    # same weights, same batch: step 61 reproduces the loss the first run logged there
+    assert second[61] == pytest.approx(first[61], rel=1e-4)

@@ -86,6 +86,10 @@ class Vitals(TrainerCallback):
         self.lr_scale = 1.0  # cumulative LR reduction from rollbacks, applied on every (re)start
         self._checkpoint_lr_scale = 1.0  # the scale the resumed checkpoint was trained with
         self.skip_batches = 0  # micro-batches to drop after a rollback (the data window that hurt)
+        # micro-batches dropped so far in this run's timeline; a resume must drop them again, since
+        # the Trainer fast-forwards its data by step count alone
+        self.dropped = 0
+        self._checkpoint_dropped = 0
         self._post_warmup_steps = 0
         self._post_warmup_clips = 0
 
@@ -130,8 +134,12 @@ class Vitals(TrainerCallback):
         args.max_grad_norm = 0.0  # trainmedic clips (ZClip + the user's cap) itself
         args.logging_nan_inf_filter = False  # a NaN loss must show as NaN
         self._checkpoint_lr_scale = 1.0
+        self._checkpoint_dropped = 0
         if state.global_step > 0:
             self._restore(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+        # drop again what the resumed timeline had dropped, then a rollback's new window (if any)
+        self.skip_batches += self._checkpoint_dropped
+        self.dropped = self.skip_batches
         factor = self.lr_scale / self._checkpoint_lr_scale
         scale_lr(kwargs.get("optimizer"), kwargs.get("lr_scheduler"), factor)
         if self.run_log and state.is_world_process_zero and self.recorder is None:
@@ -248,6 +256,7 @@ class Vitals(TrainerCallback):
                 "counts": dict(self.counts),
                 "run_id": self.run_id,
                 "lr_scale": self.lr_scale,
+                "dropped": self.dropped,
             }
             if self.oom is not None:
                 payload["oom"] = self.oom.state_dict()
@@ -419,6 +428,8 @@ class Vitals(TrainerCallback):
             self.zclip.load_state_dict(payload["zclip"])
         if isinstance(payload, dict) and isinstance(payload.get("run_id"), str):
             self.run_id = payload["run_id"]
+        if isinstance(payload, dict) and isinstance(payload.get("dropped"), int):
+            self._checkpoint_dropped = max(0, payload["dropped"])
         if isinstance(payload, dict) and isinstance(payload.get("lr_scale"), int | float):
             self._checkpoint_lr_scale = float(payload["lr_scale"])
         if isinstance(payload, dict) and isinstance(payload.get("oom"), dict) and self.oom is not None:
