@@ -8,6 +8,11 @@ from enum import StrEnum
 from typing import Any
 
 
+def finite_or_none(x: float | None) -> float | None:
+    """A number for strict JSON evidence: None where it is missing or non-finite."""
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
 class Verdict(StrEnum):
     PASS = "pass"
     WARN = "warn"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from trainmedic.findings import Finding, Verdict
+from trainmedic.findings import Finding, Verdict, finite_or_none
 from trainmedic.probes.base import ProbeSpec, register
 from trainmedic.record.param_map import layer_index, map_param_names
 from trainmedic.run import OptimizerState, ParamMoments, Run
@@ -96,8 +96,8 @@ def gradient_ghost(run: Run, spec: GradientGhostSpec) -> Finding:
         )
     ev: dict[str, Any] = {
         "global_step": opt.global_step,
-        "epoch": _num(opt.epoch),
-        "best_val_loss": _num(opt.best_val_loss),
+        "epoch": finite_or_none(opt.epoch),
+        "best_val_loss": finite_or_none(opt.best_val_loss),
         "use_qlora": opt.use_qlora,
         "n_params": len(opt.params),
         "n_layers": None,
@@ -240,17 +240,26 @@ def _layers(
         f"each layer's {METRIC} vs the depth trend through its {spec.neighbours} neighbours on each side "
         "(robust log-linear fit over depth, then the median of the neighbours' residuals)"
     )
-    pl = {"metric": METRIC, "layers": layers, "values": [_num(v) for v in values], "flagged": sorted(dead)}
+    pl = {
+        "metric": METRIC,
+        "layers": layers,
+        "values": [finite_or_none(v) for v in values],
+        "flagged": sorted(dead),
+    }
     ev["per_layer"] = pl
     if len(judged) < spec.min_layers:
         unchecked.append(f"per-layer comparison ({scope} with a usable mean < {spec.min_layers})")
         return Verdict.PASS, 0.9, ""
     x = np.array([layer for layer, _ in judged], dtype=np.float64)
     ratio, trend = trend_ratios(x, np.log([v for _, v in judged]), spec.neighbours)
-    ev["depth_trend_ratio"] = _num(trend)
+    ev["depth_trend_ratio"] = finite_or_none(trend)
     order = np.argsort(-ratio)
     ev["worst_layers"] = [
-        {"layer": int(x[i]), "ratio": _num(ratio[i]), "mean_exp_avg_sq": _num(judged[i][1])}
+        {
+            "layer": int(x[i]),
+            "ratio": finite_or_none(ratio[i]),
+            "mean_exp_avg_sq": finite_or_none(judged[i][1]),
+        }
         for i in order[:_SHOWN]
     ]
     high = [int(x[i]) for i in order if ratio[i] > spec.undertrained_layer_ratio]
@@ -366,10 +375,6 @@ def _label(p: ParamMoments) -> str:
 
 def _list(items: list[int]) -> str:
     return ", ".join(str(i) for i in items[:8]) + (f", ... ({len(items)})" if len(items) > 8 else "")
-
-
-def _num(value: float | None) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def _finding(

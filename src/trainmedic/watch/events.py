@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from trainmedic.findings import finite_or_none
+
+__all__ = ["Action", "Event", "Severity", "StepVitals", "finite_or_none"]
+
 Severity = Literal["info", "warn", "fail"]
-
-
-def finite_or_none(x: float | None) -> float | None:
-    """A number for strict JSON evidence: None where it is missing or non-finite."""
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 @dataclass(frozen=True)

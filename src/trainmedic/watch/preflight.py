@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainmedic.watch.events import Event
+from trainmedic.watch.events import Event, finite_or_none
 from trainmedic.watch.grads import grads_of, total_norm
 
 KINDS = ("data", "shape", "dtype", "nonfinite", "no_gradient", "memory", "error")  # by the fix each needs
@@ -92,14 +92,17 @@ class PreflightReport:
     def events(self) -> list[Event]:
         """The problems as watch events (step 0, severity fail), for the run log and the result."""
         evidence = {
-            "losses": [_num(b.loss) for b in self.batches],
-            "norms": [_num(b.grad_norm) for b in self.batches],
+            "losses": [finite_or_none(b.loss) for b in self.batches],
+            "norms": [finite_or_none(b.grad_norm) for b in self.batches],
         }
         return [Event(0, f"preflight_{kind}", "fail", message, evidence) for kind, message in self.problems]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe (strict): a non-finite loss or norm is null and named in the batch's `nonfinite`."""
-        rows = [asdict(b) | {"loss": _num(b.loss), "grad_norm": _num(b.grad_norm)} for b in self.batches]
+        rows = [
+            asdict(b) | {"loss": finite_or_none(b.loss), "grad_norm": finite_or_none(b.grad_norm)}
+            for b in self.batches
+        ]
         for row, b in zip(rows, self.batches, strict=True):
             row["nonfinite"] = [
                 k for k in ("loss", "grad_norm") if getattr(b, k) is not None and row[k] is None
@@ -439,10 +442,6 @@ _RAGGED = (
     " to one length, or use a padding collator such as DataCollatorWithPadding)"
 )
 _EMPTY = "batch {i} is empty: no column reached the model (rename them or set remove_unused_columns=False)"
-
-
-def _num(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def _fmt(values: Sequence[float | None]) -> str:

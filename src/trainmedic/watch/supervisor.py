@@ -18,7 +18,8 @@ from typing import Any
 from trainmedic.watch.config import WatchConfig
 from trainmedic.watch.events import Action, Event
 from trainmedic.watch.retry import RetryPolicy
-from trainmedic.watch.vitals import RollbackRequest, Vitals
+from trainmedic.watch.rollback import RollbackRequest
+from trainmedic.watch.vitals import Vitals
 
 logger = logging.getLogger("trainmedic")
 
