@@ -251,14 +251,10 @@ def _read_file(fh: BinaryIO, file_idx: int, rec: LogRecords, probs: _Problems) -
             continue
 
         step = obj.get("step")
-        if type(step) is not int:
-            step = _coerce_step(step)
+        if type(step) is not int or not -_INT64_MAX <= step <= _INT64_MAX:  # inline: the common case
+            step = _usable_step(step, "step", lineno, probs)
             if step is None:
-                probs.add(lineno, f"step record without a usable 'step' ({_short(obj.get('step'))}); skipped")
                 continue
-        elif not -_INT64_MAX <= step <= _INT64_MAX:
-            probs.add(lineno, f"'step' out of range ({_short(step)}); skipped")
-            continue
         # Unrolled on purpose: this is the per-line hot path (see FIELD_KEYS for the key names).
         get = obj.get
         loss = get("loss")
@@ -336,18 +332,25 @@ def _judge_bad_line(bad: tuple[int, str], kind: Any, lineno: int, probs: _Proble
         probs.add(bad[0], f"not valid JSON: {bad[1]}")
 
 
+def _usable_step(raw: Any, kind: str, lineno: int, probs: _Problems) -> int | None:
+    """A record's `step` as an int64, or None with the problem noted (the record is skipped)."""
+    if type(raw) is int:
+        if -_INT64_MAX <= raw <= _INT64_MAX:
+            return raw
+        probs.add(lineno, f"'step' out of range ({_short(raw)}); skipped")
+        return None
+    step = _coerce_step(raw)
+    if step is None:
+        probs.add(lineno, f"{kind} record without a usable 'step' ({_short(raw)}); skipped")
+    return step
+
+
 def _keep_whole(
     obj: dict[str, Any], kind: str, file_idx: int, lineno: int, rec: LogRecords, probs: _Problems
 ) -> None:
     """Validate an event/action/eval record and keep it as a marker (the slow path: rare records)."""
-    step = obj.get("step")
-    if type(step) is not int:
-        step = _coerce_step(step)
-        if step is None:
-            probs.add(lineno, f"{kind} record without a usable 'step' ({_short(obj.get('step'))}); skipped")
-            return
-    elif not -_INT64_MAX <= step <= _INT64_MAX:
-        probs.add(lineno, f"'step' out of range ({_short(step)}); skipped")
+    step = _usable_step(obj.get("step"), kind, lineno, probs)
+    if step is None:
         return
     if kind == "eval":
         ev = obj.get("eval_loss", obj.get("val_loss"))
