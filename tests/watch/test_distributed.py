@@ -145,7 +145,11 @@ def test_oom_on_rank_1_only_is_split_there_and_the_ranks_stay_in_step(base: Path
     zero, one = run.ranks
     assert one["oom_raised"] == 1  # paid once: later micro-batches are split up front
     assert one["actions"] == [[OOM_AT, "oom_split"]]
-    assert zero["actions"] == []
+    # rank 0 hears of it in the step's agreement, cuts its own micro-batches as finely, and logs it
+    assert zero["actions"] == [[OOM_AT, "oom_split"]]
+    logged = [json.loads(line) for line in Path(zero["log_path"]).read_text().splitlines()]
+    (split,) = [r for r in logged if r["type"] == "action" and r["action"] == "oom_split"]
+    assert split["detail"]["rank"] == 1 and split["detail"]["agreed"] == 2
     assert zero["status"] == one["status"] == "completed"
     assert zero["steps"] == one["steps"] == 12
     assert zero["weights"] == one["weights"]  # one gradient sync per micro-batch on both ranks

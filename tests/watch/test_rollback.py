@@ -154,3 +154,32 @@ def test_a_resume_after_a_rollback_drops_the_same_data_again(base: Path, tmp_pat
     second = {rec["step"]: rec["loss"] for rec in step_records(tmp_path)}
     # same weights, same batch: step 61 reproduces the loss the first run logged there
     assert second[61] == pytest.approx(first[61], rel=1e-4)
+
+
+def test_checkpoint_every_gives_a_rollback_a_nearer_certified_checkpoint(base: Path, tmp_path: Path) -> None:
+    from trainmedic.toy.training import toy_trainer
+
+    class Poison(TrainerCallback):
+        done = False
+
+        def on_step_begin(
+            self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+        ) -> None:
+            if state.global_step + 1 == 37 and not self.done:
+                self.done = True
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+    # the Trainer itself saves nothing; the watcher saves every 10 steps
+    trainer = toy_trainer(tmp_path, base=base, steps=50)
+    trainer.add_callback(Poison())
+    result = watch(trainer, WatchConfig(certify_after=5, checkpoint_every=10), echo=quiet)
+    rollbacks = [a for a in result.actions if a.action == "rollback"]
+    assert len(rollbacks) == 1, result.summary()
+    assert rollbacks[0].detail["to_step"] == 30  # saved at 30, certified after steps 31-35
+    assert result.status == "completed"
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*"))[:3] == [
+        "checkpoint-10",
+        "checkpoint-20",
+        "checkpoint-30",
+    ]

@@ -89,6 +89,14 @@ class WatchConfig(BaseModel):
         10, ge=1, description="clean optimizer steps after a save before the checkpoint is certified"
     )
     keep_certified: int = Field(2, ge=1, description="certified checkpoints kept out of rotation")
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "also save a checkpoint every this many steps, so a rollback recomputes at most about "
+            "this many plus certify_after (None: only the Trainer's own save schedule)"
+        ),
+    )
 
     @classmethod
     def preset(cls, name: str) -> WatchConfig:

@@ -33,19 +33,3 @@ def drop_grads(params: Iterable[torch.nn.Parameter]) -> None:
     (no step, no moment update, no weight decay)."""
     for p in params:
         p.grad = None
-
-
-def agree(values: torch.Tensor) -> torch.Tensor:
-    """Average per-rank scalars over all processes, so every rank judges the same numbers.
-
-    The gradient norm is already global after the data-parallel all-reduce; the loss is each
-    rank's own. Averaging it makes every detector, and so every skip or stop decision, identical
-    on all ranks by construction. A no-op in a single process.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values

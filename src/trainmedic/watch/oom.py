@@ -253,7 +253,7 @@ class OomGuard:
             if rows <= 1:
                 cut = f", already cut into {self.split} pieces" if self.split > 1 else ""
                 why = f"a single example does not fit (micro-batch of {size}{cut})"
-                raise self._hopeless(exc, size, why) from exc
+                raise self._hopeless(exc, size, why, smaller_batch_helps=False) from exc
             self._last_error = _short(exc)
             _no_second_buffer_sync(model)
         return None
@@ -351,11 +351,15 @@ class OomGuard:
         else:
             logger.warning("[trainmedic] step %d: OOM_SPLIT (%s)", step, reason)
 
-    def _hopeless(self, exc: BaseException, size: int | None, why: str) -> OomNotRecoverable:
+    def _hopeless(
+        self, exc: BaseException, size: int | None, why: str, *, smaller_batch_helps: bool = True
+    ) -> OomNotRecoverable:
+        """The error for the supervisor: with `fallback` arguments when a smaller per-device batch
+        can help (not when one example alone does not fit: a smaller batch still holds one)."""
         step = self._step()
         args = getattr(self._trainer, "args", None)
         try:
-            fallback = fallback_args(args) if args is not None else None
+            fallback = fallback_args(args) if args is not None and smaller_batch_helps else None
         except ValueError:
             fallback = None
         then = SMALLER_EXAMPLES

@@ -73,7 +73,7 @@ def restore_treatment(vitals: Any, ckpt: Path) -> None:
     """Put back what `Vitals` saved with `ckpt` and does not restore itself on a fresh start:
     the learning-rate scale (the checkpoint's optimizer already runs at it, so it must not be
     applied again) and the treatment counts that budgets are measured against."""
-    from trainmedic.watch.vitals import STATE_FILE
+    from trainmedic.watch.treatment_state import STATE_FILE
 
     try:
         payload = json.loads((ckpt / STATE_FILE).read_text())

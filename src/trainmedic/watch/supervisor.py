@@ -127,11 +127,17 @@ def _train_with_rollbacks(trainer: Any, vitals: Vitals, resume: str | bool | Non
     """The escalation ladder's top rungs. Inside a step Vitals clips and skips; when a budget runs
     out or the loss diverges it ends the attempt and asks for a rollback, which is carried out
     here until the rollback budget is spent, after which Vitals stops the run itself."""
+    from trainmedic.watch.oom import OomNotRecoverable
+
     cfg = vitals.config
     rollbacks = vitals.counts["rollback"]  # a resumed run keeps the budget it had spent
     vitals.can_roll_back = cfg.max_rollbacks > 0
     while True:
-        output = trainer.train(resume_from_checkpoint=resume)
+        try:
+            output = trainer.train(resume_from_checkpoint=resume)
+        except OomNotRecoverable as exc:
+            resume = _smaller_micro_batches(trainer, vitals, exc)
+            continue
         request = vitals.rollback_request
         if request is None:
             return output
@@ -175,6 +181,43 @@ def _roll_back(trainer: Any, vitals: Vitals, request: RollbackRequest) -> str | 
     return str(ckpt)
 
 
+def _smaller_micro_batches(trainer: Any, vitals: Vitals, exc: Any) -> str:
+    """OOM that splitting could not get through: back to the newest certified checkpoint before
+    the step, resumed with a smaller per-device batch and proportionally more accumulation, so
+    the effective batch stays the same. No learning-rate change and no data skipped: the run was
+    healthy, only too large. Re-raises `exc` when there is no fallback or nowhere to go back to."""
+    from trainmedic.watch.checkpoints import newest_certified
+
+    fallback = exc.fallback
+    if not fallback:
+        raise exc
+    if trainer.args.world_size > 1:  # the other ranks wait in a collective this rank left
+        exc.add_note(f"trainmedic: restart every process with {fallback} (and resume)")
+        raise exc
+    mine = newest_certified(Path(trainer.args.output_dir), before_step=exc.step)
+    if mine is None:
+        exc.add_note(f"trainmedic: no certified checkpoint before step {exc.step} to resume with {fallback}")
+        raise exc
+    to_step = int(mine.name.rsplit("-", 1)[1])
+    before = {k: int(getattr(trainer.args, k)) for k in fallback}
+    for key, value in fallback.items():
+        setattr(trainer.args, key, value)
+    trainer._train_batch_size = trainer.args.train_batch_size  # the Trainer's copy, taken at init
+    if vitals.oom is not None:
+        vitals.oom.split = 1  # the smaller micro-batch starts whole; it splits again if it must
+    trainer.model.zero_grad(set_to_none=True)
+    why = (
+        f"{exc}: back to {mine.name} (certified), per-device batch {before['per_device_train_batch_size']}"
+        f" -> {fallback['per_device_train_batch_size']}, gradient accumulation "
+        f"{before['gradient_accumulation_steps']} -> {fallback['gradient_accumulation_steps']} "
+        "(same effective batch)"
+    )
+    detail = {"to": str(mine), "to_step": to_step, "before": before, "after": dict(fallback)}
+    vitals._act(Action(exc.step, "oom_fallback", why, detail))
+    vitals.rewind(to_step)
+    return str(mine)
+
+
 def _from_rank_zero(value: Any) -> Any:
     """Rank 0's value on every rank (a no-op in a single process)."""
     import torch.distributed as dist
@@ -202,6 +245,11 @@ def _certify(trainer: Any, vitals: Vitals) -> None:
     )
     trainer.add_callback(certifier)
     vitals.trouble_listeners.append(certifier.trouble)
+    every = vitals.config.checkpoint_every
+    if every is not None:
+        from trainmedic.watch.cadence import SaveCadence
+
+        trainer.add_callback(SaveCadence(every))
 
 
 def _preflight(trainer: Any, vitals: Vitals, batches: int, echo: Any) -> WatchResult | None:

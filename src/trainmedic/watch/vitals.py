@@ -28,19 +28,20 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from trainmedic.watch.agreement import adopt_split, agree
 from trainmedic.watch.alerts import trackio_alert
 from trainmedic.watch.capture import wire
 from trainmedic.watch.checkpoints import breaks_clean_window
 from trainmedic.watch.config import WatchConfig
 from trainmedic.watch.detectors import Detectors
 from trainmedic.watch.events import Action, Event, StepVitals, finite_or_none
-from trainmedic.watch.grads import agree, drop_grads, grads_of, scale_, total_norm
+from trainmedic.watch.grads import drop_grads, grads_of, scale_, total_norm
 from trainmedic.watch.rollback import RollbackRequest, scale_lr
 from trainmedic.watch.runlog import RunLog, installed_versions
+from trainmedic.watch.treatment_state import load_treatment, save_treatment
 from trainmedic.watch.zclip import ClipDecision, ZClip
 
 logger = logging.getLogger("trainmedic")
-STATE_FILE = "trainmedic_state.json"
 # TRL logs these per micro-batch in `trainer._metrics["train"]`; they are worth a curve.
 TRL_KEYS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "reward")
 
@@ -89,6 +90,7 @@ class Vitals(TrainerCallback):
         # micro-batches dropped so far in this run's timeline; a resume must drop them again, since
         # the Trainer fast-forwards its data by step count alone
         self.dropped = 0
+        self._agreed_split = 1  # the OOM split all ranks use (the finest any of them needed)
         self._checkpoint_dropped = 0
         self._post_warmup_steps = 0
         self._post_warmup_clips = 0
@@ -136,7 +138,8 @@ class Vitals(TrainerCallback):
         self._checkpoint_lr_scale = 1.0
         self._checkpoint_dropped = 0
         if state.global_step > 0:
-            self._restore(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            load_treatment(self, ckpt, int(args.per_device_train_batch_size))
         # drop again what the resumed timeline had dropped, then a rollback's new window (if any)
         self.skip_batches += self._checkpoint_dropped
         self.dropped = self.skip_batches
@@ -172,14 +175,19 @@ class Vitals(TrainerCallback):
             norm_t = total_norm(grads)
         self._norm = None
         loss_t = self._loss
+        step = state.global_step + 1
         if loss_t is not None:
             # every rank averages the loss (the norm is already global): one collective, one sync
-            loss, norm = agree(torch.stack([loss_t.to(norm_t.device), norm_t])).tolist()
+            split = self.oom.split if self.oom is not None else 1
+            agreed, splits = agree(torch.stack([loss_t.to(norm_t.device), norm_t]), split)
+            loss, norm = agreed.tolist()
+            self._agreed_split, actions = adopt_split(self.oom, splits, self._agreed_split, step)
+            for action in actions:
+                self._act(action)
         else:
             loss, norm = None, float(norm_t)
         tokens = int(self._tokens) if self._tokens is not None else None
         self._loss = self._tokens = None
-        step = state.global_step + 1
         lr = _lr(optimizer)
         events, skip = self.detectors.before_update(step, loss, norm, lr)
         for event in events:  # what was seen, then what was done about it
@@ -245,22 +253,9 @@ class Vitals(TrainerCallback):
         return control
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        from trainmedic.fsutil import atomic_write
-
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir() and state.is_world_process_zero:
-            import json
-
-            payload: dict[str, Any] = {
-                "zclip": self.zclip.state_dict(),
-                "counts": dict(self.counts),
-                "run_id": self.run_id,
-                "lr_scale": self.lr_scale,
-                "dropped": self.dropped,
-            }
-            if self.oom is not None:
-                payload["oom"] = self.oom.state_dict()
-            atomic_write(ckpt / STATE_FILE, json.dumps(payload))
+            save_treatment(self, ckpt, int(args.per_device_train_batch_size))
         return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -416,24 +411,6 @@ class Vitals(TrainerCallback):
         accelerator = getattr(self._trainer, "accelerator", None)
         if accelerator is not None and getattr(accelerator, "scaler", None) is not None:
             accelerator.unscale_gradients()  # as the Trainer's own clipping would
-
-    def _restore(self, path: Path) -> None:
-        import json
-
-        try:
-            payload = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return
-        if isinstance(payload, dict) and isinstance(payload.get("zclip"), dict):
-            self.zclip.load_state_dict(payload["zclip"])
-        if isinstance(payload, dict) and isinstance(payload.get("run_id"), str):
-            self.run_id = payload["run_id"]
-        if isinstance(payload, dict) and isinstance(payload.get("dropped"), int):
-            self._checkpoint_dropped = max(0, payload["dropped"])
-        if isinstance(payload, dict) and isinstance(payload.get("lr_scale"), int | float):
-            self._checkpoint_lr_scale = float(payload["lr_scale"])
-        if isinstance(payload, dict) and isinstance(payload.get("oom"), dict) and self.oom is not None:
-            self.oom.load_state_dict(payload["oom"])
 
 
 def _lr(optimizer: Any) -> float | None:

@@ -1,0 +1,51 @@
+"""The watcher's treatment state saved beside each checkpoint, so a rollback or a resume carries
+on with the same ZClip statistics, budgets, learning-rate scale, skipped data and OOM split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trainmedic.fsutil import atomic_write
+
+STATE_FILE = "trainmedic_state.json"
+
+
+def save_treatment(vitals: Any, ckpt: Path, micro_batch: int) -> None:
+    payload: dict[str, Any] = {
+        "zclip": vitals.zclip.state_dict(),
+        "counts": dict(vitals.counts),
+        "run_id": vitals.run_id,
+        "lr_scale": vitals.lr_scale,
+        "dropped": vitals.dropped,
+        "micro_batch": micro_batch,  # the unit of `dropped`
+    }
+    if vitals.oom is not None:
+        payload["oom"] = vitals.oom.state_dict()
+    atomic_write(ckpt / STATE_FILE, json.dumps(payload))
+
+
+def load_treatment(vitals: Any, ckpt: Path, micro_batch: int) -> None:
+    """What `save_treatment` wrote with `ckpt`, `dropped` converted to micro-batches of
+    `micro_batch` rows (a fallback after OOM resumes with smaller ones). Absent or unreadable:
+    the checkpoint was saved without the watcher, and the run carries on untreated."""
+    try:
+        payload = json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(payload, dict):
+        return
+    if isinstance(payload.get("zclip"), dict):
+        vitals.zclip.load_state_dict(payload["zclip"])
+    if isinstance(payload.get("run_id"), str):
+        vitals.run_id = payload["run_id"]
+    if isinstance(payload.get("dropped"), int):
+        saved = payload.get("micro_batch")
+        rows = saved if isinstance(saved, int) and saved > 0 else micro_batch
+        vitals._checkpoint_dropped = max(0, payload["dropped"]) * rows // max(micro_batch, 1)
+    if isinstance(payload.get("lr_scale"), int | float):
+        vitals._checkpoint_lr_scale = float(payload["lr_scale"])
+    if isinstance(payload.get("oom"), dict) and vitals.oom is not None:
+        vitals.oom.load_state_dict(payload["oom"])
+        vitals._agreed_split = vitals.oom.split  # rank 0 saved the split every rank had agreed on

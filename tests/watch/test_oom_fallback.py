@@ -1,0 +1,92 @@
+"""OOM that splitting cannot get through: roll back and resume with smaller micro-batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from test_oom import FakeOom  # noqa: E402  (same folder: pytest puts it on sys.path)
+
+from trainmedic.watch import Vitals, WatchConfig, watch  # noqa: E402
+from trainmedic.watch.oom import OomGuard, OomNotRecoverable  # noqa: E402
+
+CFG = WatchConfig(certify_after=5)
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[Path]:
+    from trainmedic.toy.base import toy_base
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield toy_base()
+    torch.set_num_threads(threads)
+
+
+def quiet(_: str) -> None:
+    return None
+
+
+def trainer_for(base: Path, out: Path, **kw: Any) -> Any:
+    from trainmedic.toy.training import toy_trainer
+
+    args = {"steps": STEPS, "save_strategy": "steps", "save_steps": 10, "gradient_accumulation_steps": 2}
+    return toy_trainer(out, base=base, **(args | kw))
+
+
+def guarded(trainer: Any) -> Vitals:
+    """Vitals whose OOM guard cannot copy gradients (as for full fine-tuning of a large model): an
+    OOM late in the backward of a step's second micro-batch cannot be split exactly."""
+    vitals = Vitals(CFG, echo=quiet)
+    vitals.oom = OomGuard(vitals._act, snapshot_limit_bytes=0).attach(trainer)
+    return vitals
+
+
+def test_unsplittable_oom_resumes_from_a_certified_checkpoint_with_half_the_micro_batch(
+    base: Path, tmp_path: Path
+) -> None:
+    trainer = trainer_for(base, tmp_path / "run")
+    vitals = guarded(trainer)
+    # from step 25's second micro-batch on, more than 4 rows run out of memory in the backward
+    oom = FakeOom(trainer.model, fits=4, where="backward", start=50)
+    result = watch(trainer, vitals=vitals, preflight=0, echo=quiet)
+
+    assert result.status == "completed" and result.steps == STEPS, result.summary()
+    (fallback,) = [a for a in result.actions if a.action == "oom_fallback"]
+    assert fallback.step == 25
+    assert fallback.detail["to_step"] == 10  # checkpoint-20's clean window had not run out yet
+    assert fallback.detail["before"] == {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}
+    assert fallback.detail["after"] == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4}
+    assert trainer._train_batch_size == 4
+    assert oom.raised == 1  # the smaller micro-batches fit: no second OOM
+    assert result.final_loss is not None and math.isfinite(result.final_loss)
+
+    # the same examples in the same order, in halves: the final loss matches a run that used the
+    # small micro-batches from the start
+    clean = trainer_for(
+        base, tmp_path / "clean", per_device_train_batch_size=4, gradient_accumulation_steps=4
+    )
+    clean_result = watch(clean, CFG, preflight=0, echo=quiet)
+    assert clean_result.final_loss == pytest.approx(result.final_loss, rel=0.02)
+
+
+def test_unsplittable_oom_without_a_certified_checkpoint_is_raised_with_the_advice(
+    base: Path, tmp_path: Path
+) -> None:
+    trainer = trainer_for(base, tmp_path, save_strategy="no")
+    vitals = guarded(trainer)
+    FakeOom(trainer.model, fits=4, where="backward", start=10)
+    with pytest.raises(OomNotRecoverable) as caught:
+        watch(trainer, vitals=vitals, preflight=0, echo=quiet)
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    assert "no certified checkpoint before step 5" in notes
+    assert "'per_device_train_batch_size': 4" in notes
+    assert (tmp_path / "trainmedic-postmortem.json").is_file()  # crashed, said why, re-raised
