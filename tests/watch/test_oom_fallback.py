@@ -90,3 +90,17 @@ def test_unsplittable_oom_without_a_certified_checkpoint_is_raised_with_the_advi
     assert "no certified checkpoint before step 5" in notes
     assert "'per_device_train_batch_size': 4" in notes
     assert (tmp_path / "trainmedic-postmortem.json").is_file()  # crashed, said why, re-raised
+
+
+def test_a_micro_batch_the_preflight_finds_too_large_is_split_not_stopped(base: Path, tmp_path: Path) -> None:
+    from trainmedic.toy.training import toy_trainer
+
+    trainer = toy_trainer(tmp_path, base=base, steps=4)
+    oom = FakeOom(trainer.model, fits=4, where="forward")
+    result = watch(trainer, WatchConfig(), echo=quiet)  # preflight on (2 batches)
+    assert result.status == "completed" and result.steps == 4, result.summary()
+    assert [(e.rule, e.severity) for e in result.events if e.rule.startswith("preflight")] == [
+        ("preflight_memory", "warn")
+    ]
+    assert [a.action for a in result.actions].count("oom_split") == 1
+    assert oom.raised >= 2  # the preflight's batch, then the first step's (split from then on)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +260,12 @@ def _preflight(trainer: Any, vitals: Vitals, batches: int, echo: Any) -> WatchRe
     say = echo if echo is not None else logger.info
     say(f"[trainmedic] {check.summary()}")
     if check.ok:
+        return None
+    if set(check.kinds) == {"memory"}:
+        # a micro-batch that does not fit whole is what the OOM guard splits: warn and go on
+        for event in check.events():
+            vitals.events.append(replace(event, severity="warn"))
+        say("[trainmedic] preflight: out of memory on a whole micro-batch; training goes on and splits it")
         return None
     for event in check.events():
         vitals.events.append(event)
