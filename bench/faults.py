@@ -3,8 +3,11 @@
     python bench/faults.py [--steps N] [--threads N] [--only 1,4] [--no-readme]
 
 Each scenario trains the same LoRA fine-tune of the toy base (fixed seed, checkpoints every 20
-steps) twice, once with `trainer.train()` and once with `watch(trainer, CONFIG)`, injects the
-same fault into both, and then evaluates the model left at the end on held-out blocks. The table
+steps; `fault_setup.py`) twice, once with `trainer.train()` and once with `watch(trainer,
+CONFIG)`, injects the same fault into both, and then evaluates the model left at the end on
+held-out blocks. Scenarios 1-7 train in this process; 8 (a process killed mid-save, then a fresh
+one resuming) and 9 (two ranks under torchrun) run `fault_worker.py` in processes of their own
+(`fault_procs.py`). The table
 says for each run how it ended, its eval loss against the clean plain run, the steps a rollback
 made it compute twice, the watcher's interventions and how many steps after the fault the
 watcher first reacted. It is written between the `faults` markers of `bench/README.md`.
@@ -17,7 +20,6 @@ data, recognised by their content, so a rollback that skips their window never m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import platform
 import re
@@ -25,9 +27,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -35,32 +36,28 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from trainmedic.watch import WatchConfig, watch
-from trainmedic.watch.supervisor import WatchResult
+import fault_procs
+from fault_setup import (
+    CONFIG,
+    FAULT_STEP,
+    INTERVENTIONS,
+    STEPS,
+    Clock,
+    Outcome,
+    detection_latency,
+    load_data,
+    make_trainer,
+    nan_loss_at,
+    quiet,
+    save_data,
+    train_one_way,
+)
 
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- faults:start -->", "<!-- faults:end -->"
 HEADING = "## Fault injection: plain Trainer vs watch"
-STEPS = 200
-SAVE_STEPS = 20
-BATCH = 8
-SEQ_LEN = 64
-EVAL_BLOCKS = 96  # held out from the same packed stream: blocks the training never sees
-TRAIN_BLOCKS = 1872  # 234 steps of data for a 200-step run: a rollback drops its skipped window
-CONFIG = WatchConfig(certify_after=10)
-INTERVENTIONS = ("skip", "clip", "lr_cap", "rollback", "oom_split", "retry", "stop")
 LOSS_TARGET = 0.05
 RECOMPUTE_TARGET = 0.10
-
-
-class Clock(TrainerCallback):
-    """The optimizer step now running (1-based), for faults keyed on a step."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.step = state.global_step + 1
 
 
 @dataclass
@@ -72,31 +69,18 @@ class Fault:
 
 
 Inject = Callable[[Any, Clock, "Bench"], Fault]
+Runner = Callable[["Bench", str], Outcome]
 
 
 @dataclass(frozen=True)
 class Scenario:
+    """A fault injected into an in-process run (`inject`), or a run of processes (`runner`)."""
+
     number: int
     name: str
-    inject: Inject | None
+    inject: Inject | None = None
     loss_target: float = LOSS_TARGET
-
-
-@dataclass
-class Outcome:
-    """One run of one scenario."""
-
-    mode: str  # plain | watch
-    ended: str  # completed | stopped | crashed
-    steps: int
-    eval_loss: float | None
-    seconds: float
-    fault_step: int | None = None
-    reason: str = ""
-    recomputed: int = 0
-    interventions: Counter[str] = field(default_factory=Counter)
-    latency: int | None = None
-    rollbacks: list[str] = field(default_factory=list)  # "from->to (lr xS)" per rollback
+    runner: Runner | None = None
 
 
 # -- faults ----------------------------------------------------------------------------------------
@@ -126,19 +110,9 @@ def wrap_training_step(trainer: Any, before: Callable[[Any, Any], Any], after: C
     trainer.training_step = training_step
 
 
-@fault_step(100)
+@fault_step(FAULT_STEP)
 def nan_loss(trainer: Any, clock: Clock, bench: Bench) -> Fault:
-    original, fired = trainer.compute_loss, [False]
-
-    def compute_loss(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        if clock.step == 100 and not fired[0]:
-            fired[0] = True
-            loss = out[0] if isinstance(out, tuple) else out
-            return (loss * math.nan, *out[1:]) if isinstance(out, tuple) else loss * math.nan
-        return out
-
-    trainer.compute_loss = compute_loss
+    nan_loss_at(trainer, clock, FAULT_STEP)
     return Fault()
 
 
@@ -220,18 +194,24 @@ def oom(trainer: Any, clock: Clock, bench: Bench) -> Fault:
     return Fault(cleanup=handle.remove)
 
 
+def killed_in_save(bench: Bench, mode: str) -> Outcome:
+    return fault_procs.kill_in_save(mode, bench.shared)
+
+
+def nan_on_rank_1(bench: Bench, mode: str) -> Outcome:
+    return fault_procs.nan_on_rank_1(mode, bench.shared)
+
+
 SCENARIOS = (
-    Scenario(1, "clean run", None),
+    Scenario(1, "clean run"),
     Scenario(2, "one NaN loss (step 100)", nan_loss),
     Scenario(3, "weights poisoned to NaN (step 100)", nan_weights),
     Scenario(4, "learning rate x100 from step 60 to the end", lr_x100, loss_target=0.10),
     Scenario(5, "five poisoned batches in a row (random labels, steps 100-104)", poisoned_batches),
     Scenario(6, "gradient x10^4 (step 100)", grad_spike),
     Scenario(7, "OOM above 4 rows per micro-batch from step 100 (micro-batch 8)", oom),
-)
-NOT_RUN = (
-    (8, "SIGKILL during a checkpoint save, then resume"),
-    (9, "two processes, NaN on rank 1 only"),
+    Scenario(8, "SIGKILL mid checkpoint save (step 100), then resume", runner=killed_in_save),
+    Scenario(9, "two processes (torchrun, gloo), NaN loss on rank 1 only (step 100)", runner=nan_on_rank_1),
 )
 
 
@@ -243,24 +223,21 @@ def fingerprint(inputs: Any) -> tuple[int, ...]:
 class Bench:
     """The shared pieces: base, data, and the clean runs' batch order (to find poisoned batches)."""
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, threads: int = 1) -> None:
         from trainmedic.toy.base import load_base, toy_base
-        from trainmedic.toy.data import lm_dataset
 
-        self.steps = steps
-        self.base = toy_base()
+        self.steps, self.threads = steps, threads
+        self.base = toy_base()  # built (or found cached) here, so worker processes only load it
         _, tokenizer = load_base(self.base)
-        stream = lm_dataset(tokenizer, n=TRAIN_BLOCKS + EVAL_BLOCKS, seq_len=SEQ_LEN, seed=0)
-        self.train = stream.select(range(TRAIN_BLOCKS))
-        self.eval = stream.select(range(TRAIN_BLOCKS, TRAIN_BLOCKS + EVAL_BLOCKS))
-        seen = {tuple(row) for row in self.train["input_ids"]}
-        overlap = sum(tuple(row) in seen for row in self.eval["input_ids"])
-        if overlap:
-            raise RuntimeError(
-                f"{overlap} eval blocks also occur in the training data; the eval is not held out"
-            )
+        self.train, self.eval = load_data(tokenizer)
+        self._tmp = Path(tempfile.mkdtemp(prefix="faults-data-"))
+        data = save_data(self.train, self.eval, self._tmp / "data")  # for the worker processes
+        self.shared = fault_procs.Shared(self.base, data, steps, threads)
         self.order: dict[str, dict[int, tuple[int, ...]]] = {}  # mode -> step -> first row
         self.mode = ""
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def batches_at(self, steps: range) -> set[tuple[int, ...]]:
         order = self.order.get(self.mode)
@@ -269,21 +246,12 @@ class Bench:
         return {order[s] for s in steps if s in order}
 
     def run(self, scenario: Scenario, mode: str) -> Outcome:
-        from trainmedic.toy.training import toy_trainer
-
+        if scenario.runner is not None:
+            return scenario.runner(self, mode)
         self.mode = mode
         out = Path(tempfile.mkdtemp(prefix=f"faults-{scenario.number}-{mode}-"))
         try:
-            trainer = toy_trainer(
-                out,
-                base=self.base,
-                steps=self.steps,
-                train_dataset=self.train,
-                eval_dataset=self.eval,
-                save_strategy="steps",
-                save_steps=SAVE_STEPS,
-                per_device_eval_batch_size=BATCH,
-            )
+            trainer = make_trainer(out, self.base, self.steps, self.train, self.eval)
             clock = Clock()
             trainer.add_callback(clock)
             if scenario.inject is None:
@@ -292,7 +260,7 @@ class Bench:
             else:
                 fault = scenario.inject(trainer, clock, self)
             start = time.perf_counter()
-            outcome, result = self._train(trainer, mode)
+            outcome, result = train_one_way(trainer, mode)
             outcome.seconds = time.perf_counter() - start
             outcome.fault_step = fault.step
             if fault.cleanup is not None:
@@ -305,25 +273,6 @@ class Bench:
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
-    def _train(self, trainer: Any, mode: str) -> tuple[Outcome, WatchResult | None]:
-        """Train one way; an exception is the run's result (crashed), not the benchmark's end."""
-        try:
-            if mode == "plain":
-                trainer.train()
-                return Outcome(mode, "completed", trainer.state.global_step, None, 0.0), None
-            result = watch(trainer, CONFIG, echo=lambda line: None)
-        except Exception as exc:
-            return Outcome(mode, "crashed", trainer.state.global_step, None, 0.0, reason=_short(exc)), None
-        outcome = Outcome(mode, result.status, result.steps, None, 0.0, reason=result.reason)
-        outcome.interventions = Counter(a.action for a in result.actions if a.action in INTERVENTIONS)
-        outcome.recomputed = recomputed_steps(result.actions)
-        outcome.rollbacks = [
-            f"{a.step}->{a.detail['to_step']} (lr x{a.detail.get('lr_scale', 1.0):g})"
-            for a in result.actions
-            if a.action == "rollback"
-        ]
-        return outcome, result
-
     def _record_order(self, trainer: Any, clock: Clock, mode: str) -> None:
         order = self.order.setdefault(mode, {})
 
@@ -332,23 +281,6 @@ class Bench:
             return inputs
 
         wrap_training_step(trainer, before, lambda model: None)
-
-
-def recomputed_steps(actions: list[Any]) -> int:
-    """Steps run twice: for each rollback, the step it left from minus the checkpoint it went to."""
-    return sum(max(a.step - int(a.detail["to_step"]), 0) for a in actions if a.action == "rollback")
-
-
-def detection_latency(events: list[Any], actions: list[Any], fault: int) -> int | None:
-    """Steps from the fault to the watcher's first warning or treatment at or after it."""
-    seen = [e.step for e in events if e.severity != "info" and e.step >= fault]
-    seen += [a.step for a in actions if a.step >= fault]
-    return min(seen) - fault if seen else None
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text[:90]}"
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -363,10 +295,12 @@ def judge(o: Outcome, clean: float, steps: int, loss_target: float) -> tuple[boo
     elif abs(rel - 1) > loss_target:
         why.append(f"eval loss {rel - 1:+.1%} of clean (target within {loss_target:.0%})")
     if o.recomputed > RECOMPUTE_TARGET * steps:
-        spans = ", ".join(o.rollbacks)
+        spans = [f"rollbacks {', '.join(o.rollbacks)}"] if o.rollbacks else []
+        if o.started_at is not None and o.fault_step is not None:
+            spans.insert(0, f"killed at step {o.fault_step}, resumed from step {o.started_at}")
         why.append(
             f"recomputed {o.recomputed} steps = {o.recomputed / steps:.1%} (target <= 10 %); "
-            f"rollbacks {spans}"
+            + "; ".join(spans)
         )
     return not why, why
 
@@ -376,11 +310,22 @@ def _rel(loss: float | None, clean: float) -> float | None:
 
 
 def cell_finished(o: Outcome) -> str:
-    if o.ended == "completed":
-        return f"completed ({o.steps})"
-    if o.ended == "crashed":
-        return f"crashed in step {o.steps + 1} ({o.reason.split(':')[0]})"
-    return f"{o.ended} at step {o.steps}"
+    return o.ending()
+
+
+def cell_recomputed(o: Outcome, steps: int) -> str:
+    """A watched run's recomputed steps; a plain run's only where it resumed (scenario 8)."""
+    if o.mode == "plain" and o.started_at is None:
+        return "—"
+    return f"{o.recomputed} ({o.recomputed / steps:.1%})"
+
+
+def cell_latency(s: Scenario, o: Outcome) -> str:
+    if s.inject is None and s.runner is None:
+        return "no fault"
+    if o.latency_note:
+        return o.latency_note
+    return "not detected" if o.latency is None else f"{o.latency} step{'s' * (o.latency != 1)}"
 
 
 def cell_loss(o: Outcome, clean: float) -> str:
@@ -406,30 +351,27 @@ def render(results: list[tuple[Scenario, Outcome, Outcome]], steps: int, threads
         "| detection latency | target | met |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    misses = []
+    misses: list[str] = []
+    notes: list[str] = []
     for s, plain, watched in results:
         met, why = judge(watched, clean, steps, s.loss_target)
         target = f"completed, within {s.loss_target:.0%}, <= 10 % recomputed"
-        latency = "—" if watched.latency is None else f"{watched.latency} step{'s' * (watched.latency != 1)}"
-        if s.inject is None:
-            latency = "no fault"
-        elif watched.latency is None:
-            latency = "not detected"
-        recomputed = f"{watched.recomputed} ({watched.recomputed / steps:.1%})"
         lines.append(
             f"| {s.number} | {s.name} | plain | {cell_finished(plain)} | {cell_loss(plain, clean)} "
-            f"| — | — | — | | |"
+            f"| {cell_recomputed(plain, steps)} | — | — | | |"
         )
         lines.append(
-            f"| | | watch | {cell_finished(watched)} | {cell_loss(watched, clean)} | {recomputed} "
-            f"| {cell_interventions(watched)} | {latency} | {target} | {'met' if met else 'not met'} |"
+            f"| | | watch | {cell_finished(watched)} | {cell_loss(watched, clean)} "
+            f"| {cell_recomputed(watched, steps)} | {cell_interventions(watched)} "
+            f"| {cell_latency(s, watched)} | {target} | {'met' if met else 'not met'} |"
         )
         if not met:
             misses.append(f"- {s.number}: " + "; ".join(why))
-    for number, name in NOT_RUN:
-        lines.append(f"| {number} | {name} | both | {_not_run(number)} | | | | | | |")
+        notes += [f"- {s.number}, {note}" for note in dict.fromkeys(plain.notes + watched.notes)]
     if misses:
         lines += ["", "Targets missed:", *misses]
+    if notes:
+        lines += ["", "What the processes of scenarios 8 and 9 left behind:", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -438,17 +380,6 @@ def _config_args() -> str:
     knobs = ("max_rollbacks", "rollback_lr_factor", "max_consecutive_skips", "max_skips", "keep_certified")
     rest = ", ".join(f"{k}={getattr(CONFIG, k)!r}" for k in knobs if k not in changed)
     return ", ".join(f"{k}={v!r}" for k, v in changed.items()) + f")`, the rest default ({rest}"
-
-
-def _not_run(number: int) -> str:
-    """Scenarios 8 and 9 need process death and several processes; neither is wired in here yet."""
-    if number == 8:
-        from trainmedic import cli
-
-        names = {c.name or (c.callback.__name__ if c.callback else "") for c in cli.app.registered_commands}
-        if "resume" in names:
-            return "not run (`trainmedic resume` is new; this scenario is not wired into the benchmark yet)"
-    return "not run (feature not landed yet)"
 
 
 def write_readme(table: str, readme: Path = README) -> None:
@@ -461,16 +392,20 @@ def write_readme(table: str, readme: Path = README) -> None:
     readme.write_text(text, encoding="utf-8")
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    import logging
-
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("trainmedic").setLevel(logging.ERROR)
-    yield
+def run_both(bench: Bench, s: Scenario) -> tuple[Scenario, Outcome, Outcome]:
+    """One scenario, plain then watched; says how each ended as soon as it is known."""
+    plain = bench.run(s, "plain")
+    watched = bench.run(s, "watch")
+    print(
+        f"{s.number} {s.name}: plain {cell_finished(plain)} eval {plain.eval_loss} "
+        f"({plain.seconds:.0f} s) | watch {cell_finished(watched)} eval {watched.eval_loss} "
+        f"recomputed {watched.recomputed} [{cell_interventions(watched)}] "
+        f"latency {watched.latency} ({watched.seconds:.0f} s) {watched.reason}",
+        *dict.fromkeys(plain.notes + watched.notes),
+        sep="\n  ",
+        flush=True,
+    )
+    return s, plain, watched
 
 
 def main() -> int:
@@ -486,21 +421,11 @@ def main() -> int:
     wanted = {1, *(int(n) for n in args.only.split(",") if n.strip())} if args.only else None
     start = time.perf_counter()
     with quiet():
-        bench = Bench(args.steps)
-        results = []
-        for s in SCENARIOS:
-            if wanted is not None and s.number not in wanted:
-                continue
-            plain = bench.run(s, "plain")
-            watched = bench.run(s, "watch")
-            results.append((s, plain, watched))
-            print(
-                f"{s.number} {s.name}: plain {cell_finished(plain)} eval {plain.eval_loss} "
-                f"({plain.seconds:.0f} s) | watch {cell_finished(watched)} eval {watched.eval_loss} "
-                f"recomputed {watched.recomputed} [{cell_interventions(watched)}] "
-                f"latency {watched.latency} ({watched.seconds:.0f} s) {watched.reason}",
-                flush=True,
-            )
+        bench = Bench(args.steps, args.threads)
+        try:
+            results = [run_both(bench, s) for s in SCENARIOS if wanted is None or s.number in wanted]
+        finally:
+            bench.close()
     table = render(results, args.steps, args.threads, time.perf_counter() - start)
     print(table)
     if not args.no_readme and wanted is None:
