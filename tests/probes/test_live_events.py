@@ -128,6 +128,14 @@ def test_treatment_within_the_window_counts_and_later_does_not() -> None:
     assert judge(live_run(events, [act(40, "rollback")], end("completed")), wide).verdict is Verdict.WARN
 
 
+def test_an_event_is_credited_with_the_strongest_treatment_of_its_step() -> None:
+    events = [ev(135, "divergence")]
+    actions = [act(135, "clip"), act(135, "rollback")]  # ZClip acted in the same step
+    f = judge(live_run(events, actions, end("completed")))
+    assert "1 divergence (step 135, rolled back)" in f.message
+    assert f.evidence["listed_events"][0]["treatment"] == "rollback"
+
+
 def test_a_stop_is_not_a_treatment_and_a_watcher_stop_fails() -> None:
     f = judge(
         live_run(

@@ -61,6 +61,10 @@ ACTION_WORDS = {
     "rollback": ("rollback", "rollbacks"),
 }
 PAST = {"clip": "clipped", "skip": "skipped", "stop": "stopped", "rollback": "rolled back"}
+# The treatment an event is credited with when several share its steps: the one that did the most.
+STRENGTH = {
+    name: rank for rank, name in enumerate(("rollback", "oom_fallback", "skip", "lr_cap", "oom_split"))
+}
 IN_RUN_ACTIONS = frozenset({"clip", "skip", "stop"})  # the others rescue the run across steps
 
 
@@ -150,8 +154,9 @@ def live_events(run: Run, spec: LiveEventsSpec) -> Finding:
 def _responses(
     events: list[dict[str, Any]], actions: list[dict[str, Any]], within: int
 ) -> dict[int, str | None]:
-    """For each event (by id): the action at its step or up to `within` steps after, a treatment
-    preferred over a `stop` (which ends the run, it does not treat it)."""
+    """For each event (by id): the strongest action at its step or up to `within` steps after (a
+    rollback over a clip taken in the same step), a treatment preferred over a `stop` (which ends
+    the run, it does not treat it)."""
     at: dict[int, list[str]] = defaultdict(list)
     for a in actions:
         if _is_step(a.get("step")):
@@ -159,7 +164,8 @@ def _responses(
     out: dict[int, str | None] = {}
     for e in events:
         near = [name for s in range(e["step"], e["step"] + within + 1) for name in at.get(s, ())]
-        out[id(e)] = next((n for n in near if n != "stop"), "stop" if near else None)
+        treatments = sorted((n for n in near if n != "stop"), key=lambda n: STRENGTH.get(n, len(STRENGTH)))
+        out[id(e)] = treatments[0] if treatments else ("stop" if near else None)
     return out
 
 

@@ -53,12 +53,12 @@ def wire(vitals: Vitals, trainer: Any) -> None:
     original_batches = getattr(trainer, "get_batch_samples", None)
 
     def get_batch_samples(epoch_iterator: Any, num_batches: int, *args: Any, **kwargs: Any) -> Any:
-        # after a rollback, drop the micro-batches that led to the trouble (PaLM's recipe)
+        # after a rollback, drop the micro-batches that led to the trouble (PaLM's recipe); a
+        # window that runs past the end of the epoch goes on at the start of the next one
         while vitals.skip_batches > 0:
             try:
                 next(epoch_iterator)
             except StopIteration:
-                vitals.skip_batches = 0
                 break
             vitals.skip_batches -= 1
         return original_batches(epoch_iterator, num_batches, *args, **kwargs)  # type: ignore[misc]
