@@ -213,6 +213,23 @@ def test_nan_and_infinity_literals_in_trainer_state(tmp_path: Path) -> None:
     assert run.problems == []
 
 
+def test_zero_losses_the_nan_filter_logged_beside_nan_gradients_read_as_nan(tmp_path: Path) -> None:
+    # the Trainer's logging_nan_inf_filter logs 0.0 for a window whose steps were all NaN
+    path = tmp_path / "trainer_state.json"
+    path.write_text(
+        '{"global_step": 4, "log_history": ['
+        '{"step": 1, "loss": 2.0, "grad_norm": 1.0},'
+        '{"step": 2, "loss": 0.0, "grad_norm": NaN},'
+        '{"step": 3, "loss": 0.0, "grad_norm": 0.5},'
+        '{"step": 4, "loss": 0.0}]}'
+    )
+    run = load_run(path)
+    loss = run.train_loss.values.tolist()
+    assert loss[0] == 2.0 and math.isnan(loss[1])
+    assert loss[2:] == [0.0, 0.0]  # a finite (or absent) gradient norm: a real zero is kept
+    assert any("logging_nan_inf_filter" in n and "step 2" in n for n in run.notes)
+
+
 def test_trainer_state_that_is_not_json_is_a_log_problem(tmp_path: Path) -> None:
     path = tmp_path / "trainer_state.json"
     path.write_text('{"log_history": [ {"step": 1, ')

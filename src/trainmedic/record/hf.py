@@ -119,6 +119,7 @@ def apply_state(run: Run, state: dict[str, Any], path: Path) -> None:
     curves = curves_from_log_history(state["log_history"])
     run.train_loss, run.grad_norm = curves.train_loss, curves.grad_norm
     run.learning_rate, run.eval_loss, run.extra = curves.learning_rate, curves.eval_loss, curves.extra
+    run.notes.extend(curves.notes)
     for msg in curves.skipped[:MAX_PROBLEMS]:
         run.problems.append(Problem(str(path), msg, None, "log"))
     if len(curves.skipped) > MAX_PROBLEMS:

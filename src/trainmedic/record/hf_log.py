@@ -34,6 +34,7 @@ class LogCurves:
     eval_loss: Series
     extra: dict[str, Series] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # entries that could not be used, with reasons
+    notes: list[str] = field(default_factory=list)
 
 
 def as_float(value: Any) -> float | None:
@@ -65,6 +66,8 @@ def curves_from_log_history(entries: list[Any]) -> LogCurves:
                 continue
             cols.setdefault(key, {})[int(step)] = val
 
+    notes = _unfilter_nan_losses(cols)
+
     def series(key: str) -> Series:
         col = cols.get(key, {})
         steps = sorted(col)
@@ -77,4 +80,24 @@ def curves_from_log_history(entries: list[Any]) -> LogCurves:
         eval_loss=series("eval_loss"),
         extra={k: series(k) for k in EXTRA_KEYS if k in cols},
         skipped=skipped,
+        notes=notes,
     )
+
+
+def _unfilter_nan_losses(cols: dict[str, dict[int, float]]) -> list[str]:
+    """Put back the NaN that `logging_nan_inf_filter` (on by default) hid.
+
+    The Trainer adds nothing to its running loss for a non-finite step, so a logging window whose
+    steps were all NaN logs a loss of exactly 0.0. Next to a non-finite gradient norm of the same
+    step that zero is no measurement: a run gone NaN would otherwise read as a loss falling to 0.
+    """
+    loss, norm = cols.get("loss", {}), cols.get("grad_norm", {})
+    hidden = [s for s, g in norm.items() if not math.isfinite(g) and loss.get(s) == 0.0]
+    for s in hidden:
+        loss[s] = math.nan
+    if not hidden:
+        return []
+    return [
+        f"{len(hidden)} logged loss(es) of exactly 0 at steps with a non-finite gradient norm (first at "
+        f"step {min(hidden)}) read as NaN: the Trainer's logging_nan_inf_filter logs 0 for all-NaN windows"
+    ]
