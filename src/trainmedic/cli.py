@@ -184,6 +184,124 @@ def resume(
     raise typer.Exit(code)
 
 
+@app.command()
+def heal(
+    base: Annotated[Path, typer.Option("--base", metavar="DIR", help="The original model's directory.")],
+    data: Annotated[
+        Path, typer.Option("--data", metavar="FILE", help="kept.jsonl: prompt/completion or messages.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", metavar="DIR", help="New directory for this round's adapter.")
+    ],
+    history: Annotated[
+        list[Path] | None,
+        typer.Option("--history", metavar="DIR", help="An earlier round's adapter (repeatable)."),
+    ] = None,
+    divergence: Annotated[
+        str, typer.Option("--divergence", metavar="MODE", help="nll, kl_fwd, kl_rev or wd.")
+    ] = "kl_rev",
+    lam: Annotated[
+        float | None, typer.Option("--lam", help="Barrier strength; wd: the weight decay (default 1).")
+    ] = None,
+    tau: Annotated[
+        float | None, typer.Option("--tau", help="KL allowed for free, nats/token (default 0.1).")
+    ] = None,
+    epochs: Annotated[
+        float | None, typer.Option("--epochs", help="Passes over the kept data (default 3).")
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option("--rank", help="LoRA rank of the new adapter (default 8).")
+    ] = None,
+    alpha: Annotated[int | None, typer.Option("--alpha", help="LoRA alpha (default 2 x rank).")] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers", metavar="START:END", help="Decoder layers to adapt, END excluded (default all)."
+        ),
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default 2e-4).")] = None,
+    max_len: Annotated[
+        int | None, typer.Option("--max-len", help="Tokens per example, at most (default 512).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Examples per step (default 8).")
+    ] = None,
+    min_train: Annotated[
+        int | None, typer.Option("--min-train", help="Refuse to train on fewer examples (default 8).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds LoRA init and data order.")] = 0,
+    watch_preset: Annotated[
+        str,
+        typer.Option("--watch", metavar="PRESET", help="watch preset: default, aggressive or conservative."),
+    ] = "default",
+) -> None:
+    """Train one LoRA round on kept examples with a divergence barrier to the original model,
+    under watch; print the round table and its checked expectations. Exits 0 when every
+    expectation holds, 1 when one fails, 2 on bad input (nothing is trained then)."""
+    from typing import Any
+
+    from rich.markup import escape
+
+    from trainmedic.heal import HealError
+
+    given = {"lam": lam, "tau": tau, "epochs": epochs, "rank": rank, "alpha": alpha, "lr": lr}
+    given |= {"max_len": max_len, "batch_size": batch_size, "min_train": min_train}
+    knobs: dict[str, Any] = {"divergence": divergence, "seed": seed}
+    knobs |= {name: value for name, value in given.items() if value is not None}  # None: the default
+    if layers is not None:
+        start, sep, end = layers.partition(":")
+        if not sep or not start.strip().isdigit() or not end.strip().isdigit():
+            raise _usage_error(f"--layers must be START:END (two integers), got {layers!r}")
+        knobs["layers"] = (int(start), int(end))
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise _usage_error(
+            escape("heal trains a model: install the training extra, pip install 'trainmedic[train]'")
+        ) from None
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    from trainmedic.heal import heal_round
+    from trainmedic.heal.render import render
+
+    try:
+        result = heal_round(
+            base,
+            data,
+            out,
+            history=history or (),
+            watch_config=watch_preset,
+            echo=lambda line: console.print(line, markup=False),
+            **knobs,
+        )
+    except HealError as exc:
+        raise _usage_error(escape(str(exc))) from None  # paths and messages may hold [brackets]
+    render(result, console)
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_GATE)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the demo's runs and report.")] = Path(
+        "demo-out"
+    ),
+    fast: Annotated[bool, typer.Option("--fast", help="A shorter run (the test suite's).")] = False,
+) -> None:
+    """Watch, heal and check working together on the toy model, in a few minutes on a CPU.
+
+    Faults are injected into a real fine-tune and treated live, then every run is audited and
+    one HTML report written. Exits 0 when the watched run passes the gate and the unwatched one
+    fails it, 1 when they did not, 2 when --out holds files the demo did not write."""
+    from trainmedic.demo import OutDirError, run_demo
+
+    try:
+        result = run_demo(out, fast=fast, console=Console(highlight=False))
+    except OutDirError as exc:
+        raise _usage_error(str(exc)) from None
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_GATE)
+
+
 def _render(fmt: str, reports: list[RunReport], fail_on: str) -> str:
     if fmt == "markdown":
         from trainmedic.report import markdown
