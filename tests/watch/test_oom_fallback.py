@@ -104,3 +104,46 @@ def test_a_micro_batch_the_preflight_finds_too_large_is_split_not_stopped(base: 
     ]
     assert [a.action for a in result.actions].count("oom_split") == 1
     assert oom.raised >= 2  # the preflight's batch, then the first step's (split from then on)
+
+
+def test_a_resumed_run_takes_up_the_smaller_micro_batch_it_had_fallen_back_to(
+    base: Path, tmp_path: Path
+) -> None:
+    first = trainer_for(base, tmp_path)
+    FakeOom(first.model, fits=4, where="backward", start=50)
+    vitals = guarded(first)
+    assert watch(first, vitals=vitals, preflight=0, echo=quiet).status == "completed"
+
+    # the process is gone; the same script starts again with its own (too large) micro-batch,
+    # on a machine that still has too little memory for it
+    again = trainer_for(base, tmp_path, steps=40)
+    oom = FakeOom(again.model, fits=4, where="backward")
+    said: list[str] = []
+    result = watch(again, vitals=guarded(again), resume=True, preflight=0, echo=said.append)
+    assert result.status == "completed" and result.steps == 40, result.summary()
+    assert again.args.per_device_train_batch_size == 4 and again.args.gradient_accumulation_steps == 4
+    assert oom.raised == 0  # no OOM paid again
+    assert not [a for a in result.actions if a.action.startswith("oom")]
+    assert any("fallen back to after running out of memory" in line for line in said)
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "expected"),
+    [
+        ((4, 4), (8, 2), {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4}),
+        ((8, 2), (8, 2), None),  # nothing had changed
+        ((4, 4), (4, 4), None),  # the script already asks for it
+        ((4, 2), (8, 2), None),  # another effective batch: the user changed the recipe, keep theirs
+        ((None, 4), (8, 2), None),  # saved before the field existed
+    ],
+)
+def test_the_fallen_back_batch_is_taken_up_only_for_the_same_effective_batch(
+    saved: tuple[Any, Any], now: tuple[int, int], expected: dict[str, int] | None
+) -> None:
+    import types
+
+    from trainmedic.watch.treatment_state import fallen_back_batch
+
+    args = types.SimpleNamespace(per_device_train_batch_size=now[0], gradient_accumulation_steps=now[1])
+    payload = {"micro_batch": saved[0], "accumulation": saved[1]}
+    assert fallen_back_batch(payload, args) == expected

@@ -64,29 +64,45 @@ def resolve_resume(
     if ckpt is None:
         say(f"[trainmedic] resume: no certified checkpoint in {output_dir}; starting from scratch")
         return None
-    restore_treatment(vitals, ckpt)
+    smaller = restore_treatment(vitals, ckpt, trainer.args)
     say(f"[trainmedic] resume: continuing from {ckpt.name} (the newest certified checkpoint)")
+    if smaller:
+        use_micro_batches(trainer, smaller)
+        say(
+            f"[trainmedic] resume: {smaller}, as the run had fallen back to after running out of memory "
+            "(same effective batch)"
+        )
     return str(ckpt)
 
 
-def restore_treatment(vitals: Any, ckpt: Path) -> None:
+def use_micro_batches(trainer: Any, batch: dict[str, int]) -> None:
+    """Train on with these `per_device_train_batch_size`/`gradient_accumulation_steps`; the
+    Trainer keeps its own copy of the batch size from when it was made."""
+    for key, value in batch.items():
+        setattr(trainer.args, key, value)
+    trainer._train_batch_size = trainer.args.train_batch_size
+
+
+def restore_treatment(vitals: Any, ckpt: Path, args: Any) -> dict[str, int] | None:
     """Put back what `Vitals` saved with `ckpt` and does not restore itself on a fresh start:
     the learning-rate scale (the checkpoint's optimizer already runs at it, so it must not be
-    applied again) and the treatment counts that budgets are measured against."""
-    from trainmedic.watch.treatment_state import STATE_FILE
+    applied again) and the treatment counts that budgets are measured against. Returns the
+    smaller micro-batch an OOM fallback had moved the run to, when `args` still has the larger."""
+    from trainmedic.watch.treatment_state import STATE_FILE, fallen_back_batch
 
     try:
         payload = json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, ValueError):
-        return  # saved without the watcher: nothing to restore, the run carries on untreated
+        return None  # saved without the watcher: nothing to restore, the run carries on untreated
     if not isinstance(payload, dict):
-        return
+        return None
     scale = payload.get("lr_scale")
     if isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0:
         vitals.lr_scale = float(scale)
     counts = payload.get("counts")
     if isinstance(counts, dict):
         vitals.counts = Counter({str(k): int(v) for k, v in counts.items() if isinstance(v, int)})
+    return fallen_back_batch(payload, args)
 
 
 # ------------------------------------------------------------------------- `trainmedic resume`

@@ -198,11 +198,11 @@ def _smaller_micro_batches(trainer: Any, vitals: Vitals, exc: Any) -> str:
     if mine is None:
         exc.add_note(f"trainmedic: no certified checkpoint before step {exc.step} to resume with {fallback}")
         raise exc
+    from trainmedic.watch.resume import use_micro_batches
+
     to_step = int(mine.name.rsplit("-", 1)[1])
     before = {k: int(getattr(trainer.args, k)) for k in fallback}
-    for key, value in fallback.items():
-        setattr(trainer.args, key, value)
-    trainer._train_batch_size = trainer.args.train_batch_size  # the Trainer's copy, taken at init
+    use_micro_batches(trainer, fallback)
     if vitals.oom is not None:
         vitals.oom.split = 1  # the smaller micro-batch starts whole; it splits again if it must
     trainer.model.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ from trainmedic.fsutil import atomic_write
 STATE_FILE = "trainmedic_state.json"
 
 
-def save_treatment(vitals: Any, ckpt: Path, micro_batch: int) -> None:
+def save_treatment(vitals: Any, ckpt: Path, micro_batch: int, accumulation: int) -> None:
     payload: dict[str, Any] = {
         "zclip": vitals.zclip.state_dict(),
         "counts": dict(vitals.counts),
@@ -20,6 +20,7 @@ def save_treatment(vitals: Any, ckpt: Path, micro_batch: int) -> None:
         "lr_scale": vitals.lr_scale,
         "dropped": vitals.dropped,
         "micro_batch": micro_batch,  # the unit of `dropped`
+        "accumulation": accumulation,  # with micro_batch: what an OOM fallback had changed them to
     }
     if vitals.oom is not None:
         payload["oom"] = vitals.oom.state_dict()
@@ -49,3 +50,16 @@ def load_treatment(vitals: Any, ckpt: Path, micro_batch: int) -> None:
     if isinstance(payload.get("oom"), dict) and vitals.oom is not None:
         vitals.oom.load_state_dict(payload["oom"])
         vitals._agreed_split = vitals.oom.split  # rank 0 saved the split every rank had agreed on
+
+
+def fallen_back_batch(payload: dict[str, Any], args: Any) -> dict[str, int] | None:
+    """The smaller micro-batch a run had fallen back to after running out of memory, when the
+    checkpoint was saved with one and the script asks for the larger original (same effective
+    batch); None otherwise. A resumed run takes it up again instead of running out of memory."""
+    saved, accumulation = payload.get("micro_batch"), payload.get("accumulation")
+    if not isinstance(saved, int) or not isinstance(accumulation, int) or saved < 1 or accumulation < 1:
+        return None
+    now, now_accumulation = int(args.per_device_train_batch_size), int(args.gradient_accumulation_steps)
+    if saved >= now or saved * accumulation != now * now_accumulation:
+        return None
+    return {"per_device_train_batch_size": saved, "gradient_accumulation_steps": accumulation}

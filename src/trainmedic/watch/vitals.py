@@ -255,7 +255,9 @@ class Vitals(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir() and state.is_world_process_zero:
-            save_treatment(self, ckpt, int(args.per_device_train_batch_size))
+            save_treatment(
+                self, ckpt, int(args.per_device_train_batch_size), int(args.gradient_accumulation_steps)
+            )
         return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
