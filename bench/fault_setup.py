@@ -29,7 +29,7 @@ SEQ_LEN = 64
 EVAL_BLOCKS = 96  # held out from the same packed stream: blocks the training never sees
 TRAIN_BLOCKS = 1872  # 234 steps of data for a 200-step run: a rollback drops its skipped window
 CONFIG = WatchConfig(certify_after=10, checkpoint_every=5)
-INTERVENTIONS = ("skip", "clip", "lr_cap", "rollback", "oom_split", "retry", "stop")
+INTERVENTIONS = ("skip", "clip", "lr_cap", "rollback", "oom_split", "oom_fallback", "retry", "stop")
 
 
 class Clock(TrainerCallback):
