@@ -130,3 +130,13 @@ def test_history_that_does_not_fit_the_base_layers(
 def test_out_that_already_holds_a_round(base_dir: Path, round_one: Path) -> None:
     with pytest.raises(HealError, match="already holds an adapter"):
         heal_round(base_dir, [{"prompt": "p", "completion": "c"}], round_one)
+
+
+def test_out_that_holds_anything_is_refused_and_left_as_it_was(base_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")  # a round would write its own README.md here
+    with pytest.raises(HealError, match=r"is not empty \(README.md\); --out takes a new or empty directory"):
+        heal_round(base_dir, [{"prompt": "p", "completion": "c"}] * 10, out)
+    assert [p.name for p in out.iterdir()] == ["README.md"]
+    assert (out / "README.md").read_text() == "my notes\n"

@@ -236,6 +236,10 @@ def _check_paths(base: Path, out: Path, history: list[Path]) -> None:
         )
     if (out / "adapter_model.safetensors").exists():
         raise HealError("already holds an adapter; give each round a new --out directory", path=out)
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:  # a round writes README.md, logs/, adapter files: nothing of the user's may be replaced
+        shown = ", ".join(held[:3]) + (" ..." if len(held) > 3 else "")
+        raise HealError(f"is not empty ({shown}); --out takes a new or empty directory", path=out)
     for h in history:
         if h.resolve() == out.resolve():
             raise HealError(
