@@ -135,5 +135,11 @@ class Run:
     def has_log(self) -> bool:
         return len(self.train_loss) > 0 or len(self.eval_loss) > 0 or len(self.grad_norm) > 0
 
+    def skipped_steps(self) -> np.ndarray:
+        """Steps whose update a live watcher skipped (its `skip` action records)."""
+        steps = [a.get("step") for a in self.actions if a.get("action") == "skip"]
+        whole = [s for s in steps if isinstance(s, int) and not isinstance(s, bool)]
+        return np.asarray(whole, dtype=np.int64)
+
     def fatal_problems(self, artifact: str) -> list[Problem]:
         return [p for p in self.problems if p.fatal and p.artifact == artifact]

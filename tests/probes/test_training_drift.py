@@ -142,6 +142,16 @@ def test_nonfinite_loss_mid_run_is_filled_counted_and_warned() -> None:
     assert f.evidence["instability_events"] >= 3
 
 
+def test_nonfinite_losses_whose_update_the_watcher_skipped_are_no_drift() -> None:
+    values = healthy(200, seed=7)
+    values[[50, 120]] = np.nan
+    skips = [{"type": "action", "step": s, "action": "skip"} for s in (51, 121)]
+    treated = training_drift(make_run(values, actions=skips), SPEC)
+    assert "non-finite" not in treated.message
+    one_left = training_drift(make_run(values, actions=skips[:1]), SPEC)
+    assert "1 non-finite loss value(s) mid-run" in one_left.message
+
+
 def test_all_nonfinite_loss_fails_with_null_metrics() -> None:
     f = training_drift(make_run(np.full(20, np.nan)), SPEC)
     assert f.verdict is Verdict.FAIL

@@ -66,7 +66,7 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
     )
     bad_grad &= ~excused
     bad_eval = ~np.isfinite(ev.values)
-    skipped = _skipped_steps(run)
+    skipped = run.skipped_steps()
     treated_loss = bad_loss & np.isin(loss.steps, skipped)
     treated_grad = bad_grad & np.isin(grad.steps, skipped)
     bad_loss &= ~treated_loss
@@ -143,12 +143,6 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
     }
     score = {Verdict.PASS: 1.0, Verdict.WARN: 0.5}.get(verdict, 0.0)
     return Finding(KIND, KIND, verdict, message, score=score, evidence=evidence)
-
-
-def _skipped_steps(run: Run) -> np.ndarray:
-    """Steps whose update a live watcher skipped (its `action` records)."""
-    steps = [a.get("step") for a in run.actions if a.get("action") == "skip"]
-    return np.asarray([s for s in steps if isinstance(s, int) and not isinstance(s, bool)], dtype=np.int64)
 
 
 def _dlm_nan_steps(loss: Series, grad: Series) -> np.ndarray:
