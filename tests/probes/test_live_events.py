@@ -134,6 +134,10 @@ def test_an_event_is_credited_with_the_strongest_treatment_of_its_step() -> None
     f = judge(live_run(events, actions, end("completed")))
     assert "1 divergence (step 135, rolled back)" in f.message
     assert f.evidence["listed_events"][0]["treatment"] == "rollback"
+    # a spike skipped in its own step keeps that treatment, whatever comes two steps later
+    later = [act(133, "skip"), act(135, "rollback")]
+    spike = judge(live_run([ev(133, "loss_spike")], later, end("completed")))
+    assert spike.evidence["listed_events"][0]["treatment"] == "skip"
 
 
 def test_a_stop_is_not_a_treatment_and_a_watcher_stop_fails() -> None:

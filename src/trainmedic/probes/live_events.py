@@ -154,18 +154,19 @@ def live_events(run: Run, spec: LiveEventsSpec) -> Finding:
 def _responses(
     events: list[dict[str, Any]], actions: list[dict[str, Any]], within: int
 ) -> dict[int, str | None]:
-    """For each event (by id): the strongest action at its step or up to `within` steps after (a
-    rollback over a clip taken in the same step), a treatment preferred over a `stop` (which ends
-    the run, it does not treat it)."""
+    """For each event (by id): the nearest action at its step or up to `within` steps after, of
+    those in one step the strongest (a rollback over a clip taken with it); a treatment is
+    preferred over a `stop` (which ends the run, it does not treat it)."""
     at: dict[int, list[str]] = defaultdict(list)
     for a in actions:
         if _is_step(a.get("step")):
             at[a["step"]].append(str(a.get("action")))
     out: dict[int, str | None] = {}
     for e in events:
-        near = [name for s in range(e["step"], e["step"] + within + 1) for name in at.get(s, ())]
-        treatments = sorted((n for n in near if n != "stop"), key=lambda n: STRENGTH.get(n, len(STRENGTH)))
-        out[id(e)] = treatments[0] if treatments else ("stop" if near else None)
+        near = [(s - e["step"], n) for s in range(e["step"], e["step"] + within + 1) for n in at.get(s, ())]
+        # the nearest treatment, and of those at the same step the strongest
+        treatments = sorted((d, STRENGTH.get(n, len(STRENGTH)), n) for d, n in near if n != "stop")
+        out[id(e)] = treatments[0][2] if treatments else ("stop" if near else None)
     return out
 
 
