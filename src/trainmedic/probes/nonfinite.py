@@ -24,7 +24,8 @@ from pydantic import Field
 
 from trainmedic.findings import Finding, Verdict
 from trainmedic.probes.base import ProbeSpec, register
-from trainmedic.run import Run, Series
+from trainmedic.record.hf_log import hidden_nan_losses
+from trainmedic.run import Run
 from trainmedic.signals.flags import cap_events, event
 from trainmedic.signals.nonfinite import ScalerRule, scaler_calibration_mask
 from trainmedic.signals.objective import classify_objective, is_likelihood
@@ -55,7 +56,7 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
     if not (len(loss) or len(grad) or len(ev)):
         return Finding(KIND, KIND, Verdict.SKIP, "no loss, grad norm or eval loss logged")
     bad_loss = ~np.isfinite(loss.values)
-    bad_loss |= _dlm_nan_steps(loss, grad)
+    bad_loss |= hidden_nan_losses(loss, grad)  # a NaN logged as 0.0 (dlm, the HF NaN filter)
     bad_grad = ~np.isfinite(grad.values)
     excused = scaler_calibration_mask(
         grad.steps,
@@ -143,12 +144,3 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
     }
     score = {Verdict.PASS: 1.0, Verdict.WARN: 0.5}.get(verdict, 0.0)
     return Finding(KIND, KIND, verdict, message, score=score, evidence=evidence)
-
-
-def _dlm_nan_steps(loss: Series, grad: Series) -> np.ndarray:
-    """Loss exactly 0.0 at a step whose grad norm is non-finite: dlm's way of logging a NaN step."""
-    zero = loss.values == 0.0
-    if not zero.any() or not len(grad):
-        return np.zeros(len(loss), dtype=bool)
-    bad_grad_steps = grad.steps[~np.isfinite(grad.values)]
-    return zero & np.isin(loss.steps, bad_grad_steps)

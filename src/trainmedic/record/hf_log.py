@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from trainmedic.run import Series
 
 # Keys TRL and friends add to training logs that are worth keeping as extra curves.
@@ -66,16 +68,28 @@ def curves_from_log_history(entries: list[Any]) -> LogCurves:
                 continue
             cols.setdefault(key, {})[int(step)] = val
 
-    notes = _unfilter_nan_losses(cols)
-
     def series(key: str) -> Series:
         col = cols.get(key, {})
         steps = sorted(col)
         return Series.of(steps, [col[s] for s in steps])
 
+    loss, grad_norm = series("loss"), series("grad_norm")
+    hidden = hidden_nan_losses(loss, grad_norm)
+    notes: list[str] = []
+    if hidden.any():
+        # The Trainer's logging_nan_inf_filter (on by default) adds nothing to its running loss for
+        # a non-finite step, so a logging window whose steps were all NaN logs exactly 0.0.
+        values = loss.values.copy()
+        values[hidden] = math.nan
+        loss = Series(loss.steps, values)
+        notes.append(
+            f"{int(hidden.sum())} logged loss(es) of exactly 0 at steps with a non-finite gradient norm "
+            f"(first at step {int(loss.steps[hidden][0])}) read as NaN: the Trainer's "
+            "logging_nan_inf_filter logs 0 for all-NaN windows"
+        )
     return LogCurves(
-        train_loss=series("loss"),
-        grad_norm=series("grad_norm"),
+        train_loss=loss,
+        grad_norm=grad_norm,
         learning_rate=series("learning_rate"),
         eval_loss=series("eval_loss"),
         extra={k: series(k) for k in EXTRA_KEYS if k in cols},
@@ -84,20 +98,13 @@ def curves_from_log_history(entries: list[Any]) -> LogCurves:
     )
 
 
-def _unfilter_nan_losses(cols: dict[str, dict[int, float]]) -> list[str]:
-    """Put back the NaN that `logging_nan_inf_filter` (on by default) hid.
-
-    The Trainer adds nothing to its running loss for a non-finite step, so a logging window whose
-    steps were all NaN logs a loss of exactly 0.0. Next to a non-finite gradient norm of the same
-    step that zero is no measurement: a run gone NaN would otherwise read as a loss falling to 0.
-    """
-    loss, norm = cols.get("loss", {}), cols.get("grad_norm", {})
-    hidden = [s for s, g in norm.items() if not math.isfinite(g) and loss.get(s) == 0.0]
-    for s in hidden:
-        loss[s] = math.nan
-    if not hidden:
-        return []
-    return [
-        f"{len(hidden)} logged loss(es) of exactly 0 at steps with a non-finite gradient norm (first at "
-        f"step {min(hidden)}) read as NaN: the Trainer's logging_nan_inf_filter logs 0 for all-NaN windows"
-    ]
+def hidden_nan_losses(loss: Series, grad_norm: Series) -> np.ndarray:
+    """Which losses are a NaN logged as exactly 0.0: a zero beside a non-finite gradient norm of
+    the same step is no measurement. dlm logs a NaN step that way, and so does the HF Trainer's
+    `logging_nan_inf_filter` for a window whose steps were all NaN; read literally, a run gone NaN
+    would show a loss falling to 0."""
+    zero = loss.values == 0.0
+    if not zero.any() or not len(grad_norm):
+        return np.zeros(len(loss), dtype=bool)
+    bad_grad_steps = grad_norm.steps[~np.isfinite(grad_norm.values)]
+    return zero & np.isin(loss.steps, bad_grad_steps)
