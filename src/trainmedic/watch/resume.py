@@ -21,7 +21,6 @@ import json
 import os
 import shlex
 import subprocess
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +63,8 @@ def resolve_resume(
     if ckpt is None:
         say(f"[trainmedic] resume: no certified checkpoint in {output_dir}; starting from scratch")
         return None
+    from trainmedic.watch.treatment_state import restore_treatment
+
     smaller = restore_treatment(vitals, ckpt, trainer.args)
     say(f"[trainmedic] resume: continuing from {ckpt.name} (the newest certified checkpoint)")
     if smaller:
@@ -81,28 +82,6 @@ def use_micro_batches(trainer: Any, batch: dict[str, int]) -> None:
     for key, value in batch.items():
         setattr(trainer.args, key, value)
     trainer._train_batch_size = trainer.args.train_batch_size
-
-
-def restore_treatment(vitals: Any, ckpt: Path, args: Any) -> dict[str, int] | None:
-    """Put back what `Vitals` saved with `ckpt` and does not restore itself on a fresh start:
-    the learning-rate scale (the checkpoint's optimizer already runs at it, so it must not be
-    applied again) and the treatment counts that budgets are measured against. Returns the
-    smaller micro-batch an OOM fallback had moved the run to, when `args` still has the larger."""
-    from trainmedic.watch.treatment_state import STATE_FILE, fallen_back_batch
-
-    try:
-        payload = json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None  # saved without the watcher: nothing to restore, the run carries on untreated
-    if not isinstance(payload, dict):
-        return None
-    scale = payload.get("lr_scale")
-    if isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0:
-        vitals.lr_scale = float(scale)
-    counts = payload.get("counts")
-    if isinstance(counts, dict):
-        vitals.counts = Counter({str(k): int(v) for k, v in counts.items() if isinstance(v, int)})
-    return fallen_back_batch(payload, args)
 
 
 # ------------------------------------------------------------------------- `trainmedic resume`

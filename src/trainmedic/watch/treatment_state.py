@@ -4,6 +4,7 @@ on with the same ZClip statistics, budgets, learning-rate scale, skipped data an
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,39 @@ def save_treatment(vitals: Any, ckpt: Path, micro_batch: int, accumulation: int)
     atomic_write(ckpt / STATE_FILE, json.dumps(payload))
 
 
-def load_treatment(vitals: Any, ckpt: Path, micro_batch: int) -> None:
-    """What `save_treatment` wrote with `ckpt`, `dropped` converted to micro-batches of
-    `micro_batch` rows (a fallback after OOM resumes with smaller ones). Absent or unreadable:
-    the checkpoint was saved without the watcher, and the run carries on untreated."""
+def read_treatment(ckpt: Path) -> dict[str, Any] | None:
+    """What `save_treatment` wrote with `ckpt`; None when absent or unreadable: the checkpoint was
+    saved without the watcher, and the run carries on untreated."""
     try:
         payload = json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, ValueError):
-        return
-    if not isinstance(payload, dict):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def restore_treatment(vitals: Any, ckpt: Path, args: Any) -> dict[str, int] | None:
+    """Before a resume: what `Vitals` does not restore itself on a fresh start, the learning-rate
+    scale (the checkpoint's optimizer already runs at it, so it must not be applied again) and
+    the treatment counts that budgets are measured against. Returns the smaller micro-batch an
+    OOM fallback had moved the run to, when `args` still has the larger."""
+    payload = read_treatment(ckpt)
+    if payload is None:
+        return None
+    scale = payload.get("lr_scale")
+    if isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0:
+        vitals.lr_scale = float(scale)
+    counts = payload.get("counts")
+    if isinstance(counts, dict):
+        vitals.counts = Counter({str(k): int(v) for k, v in counts.items() if isinstance(v, int)})
+    return fallen_back_batch(payload, args)
+
+
+def load_treatment(vitals: Any, ckpt: Path, micro_batch: int) -> None:
+    """At train begin: the ZClip statistics, run id, dropped data, learning-rate scale and OOM split
+    saved with `ckpt`, `dropped` converted to micro-batches of `micro_batch` rows (a fallback
+    after OOM resumes with smaller ones)."""
+    payload = read_treatment(ckpt)
+    if payload is None:
         return
     if isinstance(payload.get("zclip"), dict):
         vitals.zclip.load_state_dict(payload["zclip"])
