@@ -6,7 +6,9 @@ features (`watch`, `Vitals`) import the training stack only when first used.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from trainmedic._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -15,12 +17,6 @@ __all__ = ["Vitals", "WatchConfig", "WatchResult", "__version__", "watch"]
 if TYPE_CHECKING:
     from trainmedic.watch import Vitals, WatchConfig, WatchResult, watch
 
-_LAZY = {"watch", "Vitals", "WatchConfig", "WatchResult"}
+_WHERE = dict.fromkeys(("watch", "Vitals", "WatchConfig", "WatchResult"), "trainmedic.watch")
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import trainmedic.watch as _watch
-
-        return getattr(_watch, name)
-    raise AttributeError(f"module 'trainmedic' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)

@@ -3,8 +3,9 @@ a CPU. `run_demo(out)` does it all; importing this package loads no training sta
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from trainmedic._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from trainmedic.demo.outdir import OutDirError
@@ -18,8 +19,4 @@ _WHERE = {
     "OutDirError": "trainmedic.demo.outdir",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'trainmedic.demo' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)

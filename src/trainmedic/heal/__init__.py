@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from trainmedic._lazy import lazy_getattr
 from trainmedic.heal.errors import HealError
 
 if TYPE_CHECKING:
@@ -22,8 +22,4 @@ _WHERE = {
     "RoundConfig": "trainmedic.heal.round",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'trainmedic.heal' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)

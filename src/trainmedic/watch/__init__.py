@@ -6,8 +6,9 @@ postmortem modules do not, so readers can use them without the training stack.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from trainmedic._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from trainmedic.watch.config import WatchConfig
@@ -23,8 +24,4 @@ _WHERE = {
     "WatchConfig": "trainmedic.watch.config",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'trainmedic.watch' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)
