@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fault_setup import FAULT_STEP, INTERVENTIONS, SAVE_STEPS, Outcome
-from trainmedic.watch.resume import RESUME_ENV
+from trainmedic.watcher.resume import RESUME_ENV
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "fault_worker.py"
@@ -185,7 +185,7 @@ def _report(path: Path, mode: str, proc: Proc) -> tuple[Outcome, str | None]:
 def _torn(ckpt: Path) -> str:
     if not ckpt.is_dir():
         return "not created"
-    from trainmedic.watch.checkpoints import inspect_checkpoint
+    from trainmedic.watcher.checkpoints import inspect_checkpoint
 
     found = inspect_checkpoint(ckpt, finite=False)
     return found.why_not() if found.problems else "complete"

@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from trainmedic.watch import WatchConfig
+from trainmedic.watcher import WatchConfig
 
 STEPS = 200
 FAULT_STEP = 100  # where a fault keyed on a step strikes in a full-length run
@@ -158,7 +158,7 @@ def train_one_way(trainer: Any, mode: str, *, resume: bool = False) -> tuple[Out
     """Train with `trainer.train()` (plain) or under `watch`; an exception is the run's result
     (crashed), not the benchmark's end. `resume`: a plain run resumes the way users do,
     `train(resume_from_checkpoint=True)`; a watched one resumes through `TRAINMEDIC_RESUME`."""
-    from trainmedic.watch import watch
+    from trainmedic.watcher import watch
 
     try:
         if mode == "plain":

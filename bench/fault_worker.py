@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import fault_setup as setup
-from trainmedic.watch.resume import RESUME_ENV, resume_requested
+from trainmedic.watcher.resume import RESUME_ENV, resume_requested
 
 SCENARIOS = ("kill-in-save", "nan-on-rank-1")
 KILLED_AT = "killed-at"

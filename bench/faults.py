@@ -182,7 +182,7 @@ def grad_spike(trainer: Any, clock: Clock, bench: Bench) -> Fault:
 @fault_step(100)
 def oom(trainer: Any, clock: Clock, bench: Bench) -> Fault:
     """From step 100 on a decoder layer "runs out of memory" on more than 4 rows (of the 8 a
-    micro-batch holds), as `tests/watch/test_oom.py`'s FakeOom simulates it on CPU."""
+    micro-batch holds), as `tests/watcher/test_oom.py`'s FakeOom simulates it on CPU."""
     layer = next(m for name, m in trainer.model.named_modules() if name.endswith("layers.1"))
 
     def forward(module: Any, args: Any, output: Any) -> None:

@@ -42,7 +42,7 @@ class StepTimer(TrainerCallback):
 
 def one_run(base: Path, steps: int, seed: int, watched: bool) -> float:
     from trainmedic.toy.training import toy_trainer
-    from trainmedic.watch import watch
+    from trainmedic.watcher import watch
 
     with tempfile.TemporaryDirectory() as out:
         trainer = toy_trainer(out, base=base, steps=steps, seed=seed, logging_steps=1)

@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 __all__ = ["Vitals", "WatchConfig", "WatchResult", "__version__", "watch"]
 
 if TYPE_CHECKING:
-    from trainmedic.watch import Vitals, WatchConfig, WatchResult, watch
+    from trainmedic.watcher import Vitals, WatchConfig, WatchResult, watch
 
-_WHERE = dict.fromkeys(("watch", "Vitals", "WatchConfig", "WatchResult"), "trainmedic.watch")
+_WHERE = dict.fromkeys(("watch", "Vitals", "WatchConfig", "WatchResult"), "trainmedic.watcher")
 
 __getattr__ = lazy_getattr(__name__, _WHERE)

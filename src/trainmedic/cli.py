@@ -167,7 +167,7 @@ def resume(
     """Continue a killed run from its newest certified checkpoint, with the command it was
     launched with (same directory, same Python) and TRAINMEDIC_RESUME=1, which makes watch()
     resume. Exits with the command's own exit code; 2 when there is nothing to resume."""
-    from trainmedic.watch.resume import ResumeError, plan_resume
+    from trainmedic.watcher.resume import ResumeError, plan_resume
 
     try:
         plan = plan_resume(output_dir)

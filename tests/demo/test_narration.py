@@ -15,7 +15,7 @@ from rich.console import Console
 
 from trainmedic.demo.faults import FaultPlan
 from trainmedic.demo.progress import Narrator
-from trainmedic.watch.events import Action, Event
+from trainmedic.watcher.events import Action, Event
 
 
 def _narrator(tmp_path: Path) -> tuple[Narrator, SimpleNamespace, io.StringIO]:

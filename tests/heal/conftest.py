@@ -70,8 +70,8 @@ def round_one(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def capture_trainer(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Any]:
     """Keep the trainer `heal_round` hands to `watch`, to inspect its model and optimizer after."""
-    import trainmedic.watch
-    from trainmedic.watch.supervisor import watch as real_watch
+    import trainmedic.watcher
+    from trainmedic.watcher.supervisor import watch as real_watch
 
     seen: list[Any] = []
 
@@ -79,5 +79,5 @@ def capture_trainer(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Any]:
         seen.append(trainer)
         return real_watch(trainer, *args, **kwargs)
 
-    monkeypatch.setattr(trainmedic.watch, "watch", watch)
+    monkeypatch.setattr(trainmedic.watcher, "watch", watch)
     return lambda: seen[-1]

@@ -19,7 +19,7 @@ from trainmedic.probes.live_events import LiveEventsSpec, live_events
 from trainmedic.record.load import load_run
 from trainmedic.report import jsonio
 from trainmedic.run import Run, Series
-from trainmedic.watch.runlog import RunLog
+from trainmedic.watcher.runlog import RunLog
 
 SPEC = LiveEventsSpec()
 

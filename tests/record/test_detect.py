@@ -113,6 +113,7 @@ def test_layout_names_are_the_user_facing_words() -> None:
         "dlm store",
         "HF output dir",
         "watched HF output dir",
+        "watched HF checkpoint",
         "HF checkpoint",
         "trainer_state.json",
         "trainmedic run log",

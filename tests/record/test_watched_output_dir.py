@@ -18,8 +18,8 @@ from trainmedic.cli import app
 from trainmedic.record.detect import Layout, detect
 from trainmedic.record.jsonlog import read_logs
 from trainmedic.record.load import load_run
-from trainmedic.watch import runlog
-from trainmedic.watch.runlog import RunLog
+from trainmedic.watcher import runlog
+from trainmedic.watcher.runlog import RunLog
 
 runner = CliRunner()
 
@@ -289,3 +289,69 @@ def test_check_on_a_plain_output_dir_skips_live_events(tmp_path: Path) -> None:
     assert data["layout"] == "HF output dir"
     (finding,) = [f for f in data["findings"] if f["kind"] == "live_events"]
     assert finding["verdict"] == "skip"
+
+
+# ------------------------------------------------------------- a checkpoint of a watched run
+def write_treated_run(out: Path, run_id: str = "tmtreated") -> Path:
+    """A watched run whose step 37 went NaN and was skipped: the run log says so, while every
+    checkpoint's trainer_state.json holds the NaN as the Trainer logged it."""
+    with RunLog.open(out, run_id=run_id, max_steps=60) as log:
+        for s in range(1, 61):
+            loss = math.nan if s == 37 else 2.0 / math.sqrt(s)
+            log.step(s, loss=loss, lr=2e-4, grad_norm=0.5, grad_norm_after_clip=0.5, skipped=s == 37)
+            if s == 37:
+                log.event(s, "nonfinite_loss", "fail", "loss is nan at step 37")
+                log.action(s, "skip", "non-finite loss")
+        log.run_complete(60, "completed", "reached max_steps", 60)
+    for n in (20, 40, 60):
+        ckpt = write_checkpoint(out, n)
+        history = [
+            {"step": s, "loss": math.nan if s >= 37 else 2.0 / math.sqrt(s), "grad_norm": 0.5}
+            for s in range(1, n + 1)
+        ]
+        state = {"global_step": n, "max_steps": 60, "log_history": history}
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))  # NaN literals, as HF writes them
+        (ckpt / "trainmedic_state.json").write_text(json.dumps({"run_id": run_id}))
+    return out
+
+
+def _gate(path: Path, tmp_path: Path) -> tuple[int, dict[str, Any]]:
+    report = tmp_path / f"{path.name}.json"
+    result = runner.invoke(app, ["check", str(path), "--json", str(report)])
+    (data,) = json.loads(report.read_text())["runs"]
+    return result.exit_code, data
+
+
+def test_a_checkpoint_of_a_watched_run_is_judged_with_its_run_log(tmp_path: Path) -> None:
+    out = write_treated_run(tmp_path / "out")
+    assert detect(out / "checkpoint-40").layout is Layout.WATCHED_HF_CHECKPOINT
+    code, whole = _gate(out, tmp_path)
+    assert code == 0, whole
+    for n in (40, 60):  # saved after the treated step
+        ckpt_code, data = _gate(out / f"checkpoint-{n}", tmp_path)
+        assert ckpt_code == code, data
+        assert data["layout"] == "watched HF checkpoint"
+        verdicts = {f["kind"]: f["verdict"] for f in data["findings"]}
+        assert verdicts["nonfinite"] == "warn" and verdicts["live_events"] == "warn", verdicts
+        assert any(f"not from checkpoint-{n}/trainer_state.json" in note for note in data["notes"])
+        assert data["run_label"].endswith(f"checkpoint-{n}"), data["run_label"]
+
+
+def test_the_checkpoint_alone_would_fail_the_gate(tmp_path: Path) -> None:
+    """The case the run log guards against: the checkpoint's own trainer state holds the NaN."""
+    from trainmedic.record.hf import read_checkpoint
+
+    out = write_treated_run(tmp_path / "out")
+    run = read_checkpoint(out / "checkpoint-40")
+    assert np.isnan(run.train_loss.values).any()
+
+
+def test_a_checkpoint_names_the_run_that_saved_it_among_several(
+    tmp_path: Path, clock: list[datetime]
+) -> None:
+    out = write_treated_run(tmp_path / "out", run_id="tmfirst")
+    clock[0] = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)
+    write_log(out, run_id="tmsecond", steps=10)  # a later, shorter run in the same dir
+    _, data = _gate(out / "checkpoint-40", tmp_path)
+    assert "run tmfirst" in data["run_label"], data["run_label"]
+    assert len(data["other_runs"]) == 1

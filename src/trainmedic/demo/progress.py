@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 from transformers import TrainerCallback
 
-from trainmedic.watch.checkpoints import MARKER as CERTIFIED
+from trainmedic.watcher.checkpoints import MARKER as CERTIFIED
 
 TREATED = {
     "skip": "update skipped",

@@ -99,7 +99,7 @@ def _trainer(out: Path, s: Setup) -> Any:
 
 def watched_run(out: Path, s: Setup, console: Console) -> TrainedRun:
     """Train under `watch`: each fault, detection and treatment is narrated as it happens."""
-    from trainmedic.watch import Vitals, WatchConfig, watch
+    from trainmedic.watcher import Vitals, WatchConfig, watch
 
     trainer = _trainer(out, s)
     narrator = Narrator(console)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from trainmedic.heal.adapters import HistoryAdapter
     from trainmedic.heal.expectations import StepRow
     from trainmedic.heal.tokens import Encoded
-    from trainmedic.watch import WatchConfig, WatchResult
+    from trainmedic.watcher import WatchConfig, WatchResult
 
 # Defaults, and why. The toy numbers are in bench/README.md ("heal: divergence barriers").
 DIVERGENCE: Divergence = "kl_rev"  # mode-seeking: resists what the original finds implausible
@@ -167,7 +167,7 @@ def heal_round(
     trainer, vitals = _trainer(cfg, prepared, out, watch_config, echo)
 
     from trainmedic.heal.adapters import NEW
-    from trainmedic.watch import watch
+    from trainmedic.watcher import watch
 
     result = watch(trainer, vitals=vitals, echo=echo)
     trainer.model.save_pretrained(str(out), selected_adapters=[NEW])
@@ -251,7 +251,7 @@ def _watch_config(value: WatchConfig | str | None) -> WatchConfig | None:
     """A preset name becomes its config now, so a typo fails before the model is loaded."""
     if not isinstance(value, str):
         return value
-    from trainmedic.watch.config import WatchConfig, WatchConfigError
+    from trainmedic.watcher.config import WatchConfig, WatchConfigError
 
     try:
         return WatchConfig.preset(value)
@@ -315,7 +315,7 @@ def _trainer(
     from trainmedic.heal.adapters import attach
     from trainmedic.heal.tokens import Collator
     from trainmedic.heal.trainer import HealTrainer, StepTable
-    from trainmedic.watch import Vitals
+    from trainmedic.watcher import Vitals
 
     set_seed(cfg.seed)  # LoRA's A matrices are drawn now, before the Trainer seeds
     lora = LoraConfig(

@@ -1,8 +1,8 @@
 """live_events: what trainmedic's live watcher saw and did during the run, read from its run log.
 
-Applies only to a live record (layouts "trainmedic run log" and "watched HF output dir"); any other
-run is SKIP. The curve probes judge the curves again after the fact; this one reports the
-watcher's own detections (`event` records), treatments (`action` records) and ending
+Applies only to a live record (layouts "trainmedic run log", "watched HF output dir" and "watched HF
+checkpoint"); any other run is SKIP. The curve probes judge the curves again after the fact; this
+one reports the watcher's own detections (`event` records), treatments (`action` records) and ending
 (`run_complete`), so `check` shows the same events the watcher raised while training.
 
 Verdict rules, worst first:
@@ -40,7 +40,9 @@ from trainmedic.run import Run
 from trainmedic.signals.flags import cap_events, event
 
 KIND = "live_events"
-LIVE_LAYOUTS = frozenset({Layout.RUN_LOG.value, Layout.WATCHED_HF_OUTPUT_DIR.value})
+LIVE_LAYOUTS = frozenset(
+    {Layout.RUN_LOG.value, Layout.WATCHED_HF_OUTPUT_DIR.value, Layout.WATCHED_HF_CHECKPOINT.value}
+)
 _RANK = {"info": 0, "warn": 1, "fail": 2}
 # (singular, plural) words for the watcher's rule and action names; others are shown as named.
 RULE_WORDS = {

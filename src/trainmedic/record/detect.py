@@ -1,7 +1,8 @@
 """Recognise what a PATH holds, from names and file types only (nothing is parsed here).
 
 A Hugging Face output dir watched by trainmedic also holds its run log,
-`logs/train-<run_id>-<YYYYmmddTHHMMSS>.jsonl`: that is a "watched HF output dir". dlm names its
+`logs/train-<run_id>-<YYYYmmddTHHMMSS>.jsonl`: that is a "watched HF output dir", and each of its
+`checkpoint-N/` a "watched HF checkpoint", judged with the run log of the run that saved it. dlm names its
 logs the same way, so the run log only decides between the two when the directory also holds
 something a dlm store never does (checkpoints, a trainer state, root weights, a postmortem) or its
 run id is not dlm's number; the reader confirms the trainmedic banner and falls back otherwise.
@@ -30,6 +31,7 @@ class Layout(StrEnum):
     DLM_STORE = "dlm store"
     HF_OUTPUT_DIR = "HF output dir"
     WATCHED_HF_OUTPUT_DIR = "watched HF output dir"
+    WATCHED_HF_CHECKPOINT = "watched HF checkpoint"
     HF_CHECKPOINT = "HF checkpoint"
     TRAINER_STATE = "trainer_state.json"
     RUN_LOG = "trainmedic run log"
@@ -73,6 +75,12 @@ def _detect_dir(path: Path) -> Detected:
         return Detected(Layout.UNKNOWN, note=f"{path}: cannot list the directory ({exc.strerror or exc})")
     if not entries:
         return Detected(Layout.EMPTY, note="no training artifacts found")
+    if hf.CHECKPOINT_RE.match(path.name):
+        # a checkpoint of a watched run: the run log beside it is that run's true record (its own
+        # trainer_state.json holds the raw values of steps the watcher treated)
+        parent_logs = run_log_files(path.parent / "logs")
+        if parent_logs:
+            return Detected(Layout.WATCHED_HF_CHECKPOINT, files=parent_logs)
     run_logs = run_log_files(path / "logs") if "logs" in entries else []
     has_ckpts = bool(hf.checkpoints(path))
     has_state = os.path.lexists(path / hf.STATE_NAME)

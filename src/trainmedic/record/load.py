@@ -9,7 +9,7 @@ from trainmedic.findings import Problem
 from trainmedic.record import dlm, hf
 from trainmedic.record.detect import Layout, detect
 from trainmedic.record.jsonlog import read_logs
-from trainmedic.record.segments import fill_latest_run, run_label
+from trainmedic.record.segments import fill_latest_run, run_holding, run_label, segment_files
 from trainmedic.run import Run
 
 
@@ -41,6 +41,8 @@ def _load(path: Path) -> Run:
         return read_jsonl_run(path, found.files)
     if layout is Layout.WATCHED_HF_OUTPUT_DIR:
         return read_watched_output_dir(path, found.files)
+    if layout is Layout.WATCHED_HF_CHECKPOINT:
+        return read_watched_checkpoint(path, found.files)
     run = Run(path=path, layout=layout.value)
     if found.note:
         run.notes.append(found.note)
@@ -88,3 +90,52 @@ def read_watched_output_dir(root: Path, logs: list[Path]) -> Run:
             "it may come from an earlier run in this directory"
         )
     return run
+
+
+def read_watched_checkpoint(ckpt: Path, logs: list[Path]) -> Run:
+    """One `checkpoint-N/` of a watched run: the run that saved it is judged from the run log beside
+    it, exactly as the output dir would judge it, with this checkpoint's weights and optimizer.
+
+    The checkpoint's own `trainer_state.json` is the Trainer's view, which holds the raw values of
+    the steps the watcher treated (a NaN whose update was skipped); read alone, a healed run's
+    checkpoint would fail where its output dir passes. The run is the one the checkpoint's
+    `trainmedic_state.json` names, else the latest whose steps reach N.
+    """
+    rec = read_logs(logs)
+    if "trainmedic" not in rec.writers():
+        run = hf.read_checkpoint(ckpt)
+        run.notes.append("logs/train-*.jsonl beside it has no trainmedic banner: not read as a live record")
+        return run
+    step = int(ckpt.name.rsplit("-", 1)[1])
+    run = Run(path=ckpt, layout=Layout.WATCHED_HF_CHECKPOINT.value)
+    seg = fill_latest_run(run, rec, run_label, choose=run_holding(_saved_run_id(ckpt), step))
+    if seg is None:
+        run.notes.append("the run log holds no training run (no step or banner records)")
+    else:
+        files = ", ".join(f"logs/{Path(f).name}" for f in segment_files(rec, seg))
+        run.notes.append(
+            f"curves, events and actions of {run.label} from its run log ({files}), not from "
+            f"{ckpt.name}/{hf.STATE_NAME}; weights and optimizer from {ckpt.name}"
+        )
+        last = int(run.train_loss.steps[-1]) if len(run.train_loss) else None
+        if last is not None and last > step:
+            run.notes.append(f"the run went on after {ckpt.name}, to step {last}")
+    why = hf.incomplete_reason(ckpt)
+    if why is not None:
+        run.notes.append(f"{ckpt.name} looks incomplete ({why})")
+    hf.read_checkpoint_artifacts(ckpt, run)
+    run.label = f"{run.label}, {ckpt.name}" if run.label else ckpt.name
+    return run
+
+
+def _saved_run_id(ckpt: Path) -> str | None:
+    """The run id the watcher saved beside the checkpoint (`trainmedic_state.json`), if any."""
+    import json
+
+    try:
+        with (ckpt / "trainmedic_state.json").open("rb") as fh:
+            payload = json.loads(fh.read(1 << 20))
+    except (OSError, ValueError, RecursionError):
+        return None
+    rid = payload.get("run_id") if isinstance(payload, dict) else None
+    return rid if isinstance(rid, str) else None

@@ -174,11 +174,17 @@ def segment_files(rec: LogRecords, seg: Segment) -> list[str]:
     return [str(rec.files[i]) for i in sorted(idx)]
 
 
-def fill_latest_run(run: Run, rec: LogRecords, label_for: Callable[[Segment, int], str]) -> Segment | None:
-    """Put the latest training run's curves into `run` and list the earlier runs.
+def fill_latest_run(
+    run: Run,
+    rec: LogRecords,
+    label_for: Callable[[Segment, int], str],
+    choose: Callable[[LogRecords, list[Segment]], int] | None = None,
+) -> Segment | None:
+    """Put the latest training run's curves into `run` and list the other runs.
 
-    Returns the judged segment (None when the logs hold no run at all). The log's problems, notes
-    and files are carried over to `run`.
+    `choose(rec, segments)` may pick another run than the latest (its index). Returns the judged
+    segment (None when the logs hold no run at all). The log's problems, notes and files are
+    carried over to `run`.
     """
     run.sources.extend(rec.files)
     run.problems.extend(rec.problems)
@@ -188,7 +194,10 @@ def fill_latest_run(run: Run, rec: LogRecords, label_for: Callable[[Segment, int
     )
     if not segs:
         return None
-    for i, seg in enumerate(segs[:-1]):
+    judged = choose(rec, segs) if choose is not None else len(segs) - 1
+    for i, seg in enumerate(segs):
+        if i == judged:
+            continue
         c = segment_curves(rec, seg)
         final = float(c.train_loss.values[-1]) if len(c.train_loss) else None
         run.other_runs.append(
@@ -201,11 +210,11 @@ def fill_latest_run(run: Run, rec: LogRecords, label_for: Callable[[Segment, int
                 files=segment_files(rec, seg),
             )
         )
-    seg = segs[-1]
+    seg = segs[judged]
     c = segment_curves(rec, seg)
     run.train_loss, run.learning_rate = c.train_loss, c.learning_rate
     run.grad_norm, run.eval_loss = c.grad_norm, c.eval_loss
-    run.label = label_for(seg, len(segs) - 1)
+    run.label = label_for(seg, judged)
     run.extra = segment_extras(rec, seg)
     _live_records(run, seg)
     # A writer of this family ends a run with run_complete; logs without banners make no such promise.
@@ -216,11 +225,31 @@ def fill_latest_run(run: Run, rec: LogRecords, label_for: Callable[[Segment, int
     if type(max_steps) is int and max_steps > 0:
         run.max_steps = max_steps
     if len(segs) > 1:
+        which = "the latest" if judged == len(segs) - 1 else "the one asked for"
         run.notes.append(
-            f"the logs hold {len(segs)} training runs; judging the latest ({run.label}), "
+            f"the logs hold {len(segs)} training runs; judging {which} ({run.label}), "
             f"the others are listed, not judged"
         )
     return seg
+
+
+def run_holding(run_id: str | None, step: int) -> Callable[[LogRecords, list[Segment]], int]:
+    """A `choose` for `fill_latest_run`: the latest run with `run_id` (a checkpoint's own record of
+    the run that saved it), else the latest run whose logged steps reach `step`, else the latest."""
+
+    def choose(rec: LogRecords, segs: list[Segment]) -> int:
+        if run_id is not None:
+            named = [i for i, s in enumerate(segs) if s.run_id is not None and str(s.run_id) == run_id]
+            if named:
+                return named[-1]
+        steps = np.frombuffer(rec.step, dtype=np.int64) if len(rec) else np.zeros(0, np.int64)
+        for i in range(len(segs) - 1, -1, -1):
+            seg = segs[i]
+            if len(seg) and int(steps[seg.start : seg.end].max()) >= step:
+                return i
+        return len(segs) - 1
+
+    return choose
 
 
 def _live_records(run: Run, seg: Segment) -> None:
