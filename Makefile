@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(TM) demo --out demo-out
 
+# One worker per core (pytest-xdist), each test file on one worker so its module fixtures run once.
 test: setup browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # Chromium for the HTML report's browser test (tests/report/test_browser.py), where it can be had:
 # Debian/Ubuntu as root. Otherwise a note, and that test skips itself. Never fails the setup.

@@ -59,6 +59,21 @@ def _check_exists(path: Path) -> None:
     raise _usage_error(f"{path}: no such file or directory")
 
 
+def _check_writable_target(target: Path | None, option: str) -> None:
+    """Refuse an output path that cannot be written, before any work: name the part that is wrong
+    (`notes.txt/x.json`: notes.txt is a file, not a directory) instead of the OS error's words."""
+    if target is None:
+        return
+    if target.is_dir():
+        raise _usage_error(f"{option} {target}: is a directory; give a file name")
+    for parent in (target.parent, *target.parent.parents):
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                what = "a broken symlink" if not parent.exists() else "a file"
+                raise _usage_error(f"{option} {target}: {parent} is {what}, not a directory")
+            return
+
+
 @app.command()
 def check(
     paths: Annotated[list[Path], typer.Argument(help="Run directories, checkpoints or log files.")],
@@ -84,6 +99,13 @@ def check(
 
     for path in paths:
         _check_exists(path)
+    for option, target in (
+        ("--json", json_out),
+        ("--markdown", markdown),
+        ("--junit", junit),
+        ("--html", html),
+    ):
+        _check_writable_target(target, option)
     try:
         check_spec = load_spec(spec) if spec is not None else default_spec()
     except SpecError as exc:
@@ -126,6 +148,7 @@ def report(
 
         terminal.render(reports, Console(highlight=False), fail_on=fail_on.value, verbose=True)
         return
+    _check_writable_target(out, "--out")
     text = _render(fmt, reports, fail_on.value)
     if out is None:
         sys.stdout.write(text)

@@ -162,7 +162,7 @@ def test_full_check_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'; "
         "assert 'transformers' not in sys.modules; print('ok')"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
 
@@ -173,3 +173,50 @@ def test_real_dlm_stores_pass(tmp_path: Path) -> None:
         code, out = invoke("check", str(SHARED / "dlm_stores" / store))
         assert code == 0, out
         assert "dlm store" in out
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown", "--junit", "--html"])
+def test_a_report_path_under_a_file_names_the_file_that_is_not_a_directory(
+    runs: dict[str, Path], tmp_path: Path, option: str
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, out = invoke("check", str(runs["healthy"]), option, str(notes / "x.json"))
+    assert code == 2
+    assert f"{notes} is a file, not a directory" in " ".join(out.split())
+    assert notes.read_text() == "mine"
+
+
+def test_a_report_path_that_is_a_directory_is_refused_before_checking(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    code, out = invoke("check", str(runs["healthy"]), "--json", str(tmp_path))
+    assert code == 2
+    assert "is a directory; give a file name" in " ".join(out.split())
+
+
+def test_a_directory_with_nothing_recognised_is_described_in_plain_words(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hi")
+    code, out = invoke("check", str(tmp_path))
+    flat = " ".join(out.split())
+    assert code == 1
+    assert "in this unknown" not in flat and "in this empty" not in flat
+    assert "no live record from trainmedic's watcher here" in flat
+    assert "no finite training loss logged" in flat
+
+
+def test_trainmedics_own_report_and_postmortem_are_named_not_read_as_trainer_states(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    report = tmp_path / "report.json"
+    assert invoke("check", str(runs["healthy"]), "--json", str(report))[0] == 0
+    postmortem = tmp_path / "trainmedic-postmortem.json"
+    postmortem.write_text(json.dumps({"schema_version": 1, "writer": "trainmedic", "status": "completed"}))
+    for path, words in (
+        (report, "a trainmedic check report, not a training run (show it: trainmedic report report.json)"),
+        (postmortem, "trainmedic's postmortem of a watched run"),
+    ):
+        code, out = invoke("check", str(path))
+        flat = " ".join(out.split())
+        assert code == 1 and words in flat, flat
+        assert "ERROR" not in out and "not a trainer state" not in flat, flat

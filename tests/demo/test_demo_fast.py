@@ -96,10 +96,38 @@ def test_report_is_written_names_both_runs_and_the_cli_agrees(demo: tuple[DemoRe
         assert run in page
     assert "<svg" in page
     assert str(result.report_html) in " ".join(text.split())
+    # the story comes first: what was injected, how each run ended, the heal comparison
+    story = page[page.index('<section class="preface">') : page.index('<section class="run"')]
+    for line in PLAN.describe():
+        assert f"fault at {line}" in story
+    assert "Watched: completed after" in story and "Unwatched: completed" in story
+    assert "kl_rev round" in story and "KL to the original on prompts" in story
     runner = CliRunner()
     assert runner.invoke(app, ["check", str(result.out / "watched-run")]).exit_code == 0
     failed = runner.invoke(app, ["check", str(result.out / "unwatched-run")])
     assert failed.exit_code == 1 and "nonfinite" in failed.output
+
+
+@pytest.mark.slow
+def test_every_checkpoint_of_the_watched_run_gets_the_output_dirs_gate_result(
+    demo: tuple[DemoResult, str],
+) -> None:
+    from trainmedic.check import check_paths
+    from trainmedic.spec import default_spec
+
+    result, _ = demo
+    run = result.out / "watched-run"
+    treated_at = PLAN.nan_step
+    after = sorted(
+        (p for p in run.glob("checkpoint-*") if int(p.name.rsplit("-", 1)[1]) >= treated_at),
+        key=lambda p: int(p.name.rsplit("-", 1)[1]),
+    )
+    assert after, list(run.iterdir())
+    whole, *ckpts = check_paths([run, *after], default_spec())
+    assert not gate_fails([whole])
+    for ckpt, report in zip(after, ckpts, strict=True):
+        assert report.layout == "watched HF checkpoint", (ckpt, report.layout)
+        assert not gate_fails([report]), (ckpt.name, report.headline())
 
 
 def test_demo_refuses_a_directory_holding_someone_elses_files(tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def test_treated_nan_warns_and_says_what_was_done() -> None:
         == "watcher: 1 non-finite loss (step 37, skipped), 3 grad clips, 1 skipped update; run completed"
     )
     assert f.evidence["events"] == [
-        {"step": 37, "label": "watcher: non-finite loss (skipped)", "severity": "fail"}
+        {"step": 37, "label": "watcher: non-finite loss (skipped)", "severity": "treated"}
     ]
     assert f.evidence["untreated"] == []
     assert f.evidence["listed_events"][0]["treatment"] == "skip"

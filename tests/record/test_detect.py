@@ -117,6 +117,8 @@ def test_layout_names_are_the_user_facing_words() -> None:
         "HF checkpoint",
         "trainer_state.json",
         "trainmedic run log",
+        "trainmedic report",
+        "trainmedic postmortem",
         "JSONL log",
         "empty",
         "unknown",

@@ -272,7 +272,7 @@ def test_check_reports_the_watched_layout_and_the_watchers_events(watched: Path,
         "watcher: 1 non-finite loss (step 37, skipped), 2 grad clips, 1 skipped update; run completed"
     )
     assert finding["evidence"]["events"] == [
-        {"step": 37, "label": "watcher: non-finite loss (skipped)", "severity": "fail"}
+        {"step": 37, "label": "watcher: non-finite loss (skipped)", "severity": "treated"}
     ]
     assert len(data["curves"]["train_loss"]["steps"]) == 100
 

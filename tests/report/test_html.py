@@ -120,7 +120,7 @@ def test_one_run_has_charts_event_markers_and_per_layer_bars():
         assert float(a["width"]) > 0 and float(a["height"]) > 0
     assert p.event_groups == 4
     assert text.count('class="event ev-fail"') == 2 and text.count('class="event ev-warn"') == 2
-    assert any("training_drift: spike x5 (step 100, fail)" in t for t in p.titles)
+    assert any("training_drift: spike x5 (step 100, failure)" in t for t in p.titles)
     flagged = [a for tag, a in p.tags if tag == "rect" and a.get("class") == "bar flagged"]
     assert len(flagged) == 1
     assert len([a for tag, a in p.tags if tag == "rect" and a.get("class") == "bar"]) == 3
@@ -231,3 +231,78 @@ def test_undecodable_file_names_still_encode_as_utf8():
     report = RunReport("runs/\udcff", "x", [Finding("p\udc80", "p", Verdict.PASS, "ok")])
     text = html.render([report])
     assert "runs/\\udcff" in text.encode("utf-8").decode("utf-8")
+
+
+def _curve(steps: list[int]) -> dict[str, list[float]]:
+    return {"steps": [float(s) for s in steps], "values": [1.0 + 0.001 * s for s in steps]}
+
+
+def _x_ticks(svg_text: str) -> list[str]:
+    """The step-axis labels of one chart (the ticks drawn under its plot)."""
+    return re.findall(
+        r'<text class="tick" x="[0-9.]+" y="[0-9.]+" text-anchor="middle">([^<]*)</text>', svg_text
+    )
+
+
+def test_every_curve_chart_of_a_run_shares_one_step_axis() -> None:
+    report = RunReport(
+        "r",
+        "HF output dir",
+        [],
+        curves={"train_loss": _curve(list(range(1, 201))), "grad_norm": _curve(list(range(1, 61)))},
+    )
+    page = html.render([report])
+    charts = re.findall(r"<svg class=\"chart [^\"]*\".*?</svg>", page)
+    assert len(charts) == 2
+    assert _x_ticks(charts[0]) == _x_ticks(charts[1]) and _x_ticks(charts[0])[-1] == "200"
+
+
+def test_ticks_in_steps_of_two_and_a_half_keep_their_decimal() -> None:
+    axis = svg.nice_axis(0.0, 10.0, target=4)
+    assert [svg.tick_label(t, axis.step) for t in axis.ticks] == ["0", "2.5", "5.0", "7.5", "10.0"]
+
+
+def test_treated_events_have_their_own_colour_and_a_legend_says_what_each_colour_means() -> None:
+    events = [
+        {"step": 10, "label": "non-finite loss", "severity": "fail"},
+        {"step": 20, "label": "watcher: non-finite loss (skipped)", "severity": "treated"},
+    ]
+    report = RunReport(
+        "r",
+        "watched HF output dir",
+        [Finding("live_events", "live_events", Verdict.WARN, "m", None, {"events": events})],
+        curves={"train_loss": _curve(list(range(1, 31)))},
+    )
+    page = html.render([report])
+    fail_dot = f'fill="{html.SEVERITY_COLORS["fail"]}"'
+    treated_dot = f'fill="{html.SEVERITY_COLORS["treated"]}"'
+    assert fail_dot in page and treated_dot in page and fail_dot != treated_dot
+    legend = re.search(r'<p class="legend">(.*?)</p>', page)
+    assert legend is not None
+    words = re.sub(r"<[^>]+>", " ", legend.group(1))
+    assert "failure" in words and "treated by the watcher" in words and "warning" not in words
+
+
+def test_an_event_list_cut_by_a_probe_says_how_many_are_not_shown() -> None:
+    events = [{"step": s, "label": "loss spike", "severity": "warn"} for s in range(50)]
+    finding = Finding(
+        "training_drift", "training_drift", Verdict.WARN, "m", None, {"events": events, "events_total": 73}
+    )
+    page = html.render([RunReport("r", "HF output dir", [finding], curves={"train_loss": _curve([1, 50])})])
+    assert "50 flagged event(s) (and more" in page
+    assert "training_drift: 23 more not shown (50 of 73, failures first)" in page
+
+
+def test_a_preface_tells_the_story_first_and_is_escaped() -> None:
+    preface = html.Preface(
+        "what the demo did",
+        paragraphs=[f"faults were injected {SCRIPT}"],
+        items=["step 60: a NaN batch"],
+        table_headers=["", "nll round", "kl_rev round"],
+        table_rows=[["KL to the original", "0.7688", "0.2218"]],
+        table_caption="heal, on held-out names",
+    )
+    page = html.render([RunReport("r", "unknown", [])], preface=preface)
+    assert page.index("what the demo did") < page.index('<section class="run"')
+    assert SCRIPT not in page and "step 60: a NaN batch" in page and "0.2218" in page
+    assert "<caption>heal, on held-out names</caption>" in page

@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -60,7 +62,7 @@ def test_base_reloads_offline_and_has_learned_a_real_distribution(base_dir: Path
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -172,6 +174,59 @@ def test_concurrent_callers_build_once(tmp_path: Path) -> None:
         t.join()
     assert build.calls == 1
     assert results == [target] * 3
+
+
+def test_a_caller_that_waits_for_the_lock_says_who_holds_it(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    target = tmp_path / "toy-base-v1"
+    heard: list[str] = []
+    build = CountingBuild(delay=1.2)  # long enough for the second caller to find the lock held
+    first = threading.Thread(target=lambda: ensure_built(target, build))
+    first.start()
+    while not (tmp_path / "toy-base-v1.lock").exists() or not (tmp_path / "toy-base-v1.lock").read_text():
+        time.sleep(0.01)
+    assert ensure_built(target, build, say=heard.append) == target
+    first.join()
+    assert build.calls == 1
+    assert heard[0].startswith("waiting for toy-base-v1.lock, held by pid ")
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in heard[0]
+    assert heard[-1].startswith("toy-base-v1.lock released after ")
+    assert (tmp_path / "toy-base-v1.lock").read_text() == ""  # nobody holds it now
+
+
+class _Bigram:
+    """The least model `pretrain` can train: an embedding whose rows are next-token logits."""
+
+    def __new__(cls) -> Any:
+        import torch
+
+        class Bigram(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.logits = torch.nn.Embedding(8, 8)
+
+            def forward(self, input_ids: Any, labels: Any) -> Any:
+                loss = torch.nn.functional.cross_entropy(self.logits(input_ids).view(-1, 8), labels.view(-1))
+                return SimpleNamespace(loss=loss)
+
+        return Bigram()
+
+
+def test_pretraining_reports_its_progress() -> None:
+    torch = pytest.importorskip("torch")
+    from trainmedic.toy.base import PROGRESS_EVERY, pretrain
+
+    heard: list[str] = []
+    stream = torch.randint(0, 8, (400,), generator=torch.Generator().manual_seed(0))
+    losses = pretrain(_Bigram(), stream, steps=2 * PROGRESS_EVERY, say=heard.append)
+    assert len(losses) == 2 * PROGRESS_EVERY
+    assert [h.split(",")[0] for h in heard] == [
+        f"pre-training step {PROGRESS_EVERY}/{2 * PROGRESS_EVERY}",
+        f"pre-training step {2 * PROGRESS_EVERY}/{2 * PROGRESS_EVERY}",
+    ]
+    assert all("s left)" in h for h in heard)
 
 
 def test_loading_a_directory_that_is_not_a_model_names_it(tmp_path: Path) -> None:

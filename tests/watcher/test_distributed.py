@@ -8,6 +8,7 @@ the test through the launch timeout instead of blocking the suite.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,7 +29,9 @@ if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("this torch build has no gloo backend for CPU processes", allow_module_level=True)
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-TIMEOUT_S = 150  # a healthy launch takes ~15-20 s on a 2-core CPU; a hang lasts until gloo's 30 min
+# a healthy launch takes ~15-20 s on a quiet 2-core CPU and 5x that under load; a hang lasts until
+# gloo's 30 min timeout
+TIMEOUT_S = 900
 NAN_AT, LR_AT, OOM_AT = 7, 25, 5
 
 
@@ -67,6 +70,10 @@ def launch(scenario: str, at: int, base: Path, tmp: Path) -> Launch:
             f"{scenario}: the ranks did not finish within {TIMEOUT_S} s (a rank waits on a "
             f"collective the other never joins?)\n{output[-4000:]}"
         )
+    finally:  # every worker, whatever ended the wait (an interrupt included)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     found = sorted(reports.glob("rank-*.json"))
     ranks = [json.loads(p.read_text()) for p in found]
     return Launch(proc.returncode, out, ranks, output)

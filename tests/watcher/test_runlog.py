@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -246,10 +245,9 @@ def test_writer_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_step_record_cost_is_measured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_thousands_of_step_records_are_written_finite_and_not(tmp_path: Path) -> None:
     n = 5000
-    with RunLog.open(tmp_path, run_id="speed") as log:
-        t0 = time.perf_counter()
+    with RunLog.open(tmp_path, run_id="many") as log:
         for s in range(n):
             log.step(
                 s,
@@ -260,15 +258,13 @@ def test_step_record_cost_is_measured(tmp_path: Path, capsys: pytest.CaptureFixt
                 tokens=2048,
                 time=0.03,
             )
-        finite = (time.perf_counter() - t0) / n * 1e6
-        t0 = time.perf_counter()
         for s in range(n, 2 * n):
             log.step(s, loss=math.nan, lr=2e-4, grad_norm=math.inf, grad_norm_after_clip=0.5, skipped=True)
-        nonfinite = (time.perf_counter() - t0) / n * 1e6
-    with capsys.disabled():
-        print(f"\nrun log step record: {finite:.1f} us finite, {nonfinite:.1f} us non-finite (write + flush)")
     assert log.records == 2 * n + 1
     assert os.path.getsize(log.path) > 2 * n * 100
+    run = load_run(tmp_path)
+    assert len(run.train_loss) == 2 * n
+    assert np.isnan(run.train_loss.values[n:]).all() and np.isfinite(run.train_loss.values[:n]).all()
 
 
 def test_records_built_elsewhere_are_written_as_given_with_a_timestamp(tmp_path: Path) -> None:

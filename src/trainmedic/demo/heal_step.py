@@ -42,9 +42,31 @@ class Measured:
     kl: float | None  # to the original; None for the original itself
 
 
-def heal_rounds(out: Path, base: Path, console: Console) -> dict[str, Path]:
-    """Train both rounds into `out/heal-<divergence>`, print each and the comparison; the round
-    directories by name, for `check`."""
+@dataclass(frozen=True)
+class HealStep:
+    """The demo's heal rounds: their directories by name (for `check`) and how they compare."""
+
+    paths: dict[str, Path]
+    measured: dict[str, Measured]
+
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        """The comparison as plain strings: headers and rows (for the HTML report)."""
+        headers = ["on held-out names", *self.measured]
+        rows = [
+            [
+                label,
+                *(
+                    "-" if v is None else f"{v:.{digits}f}"
+                    for v in (getattr(m, attr) for m in self.measured.values())
+                ),
+            ]
+            for label, attr, digits in COMPARED
+        ]
+        return headers, rows
+
+
+def heal_rounds(out: Path, base: Path, console: Console) -> HealStep:
+    """Train both rounds into `out/heal-<divergence>`, print each and the comparison."""
     from trainmedic.heal import heal_round
     from trainmedic.toy.training import LORA_LR
 
@@ -58,8 +80,8 @@ def heal_rounds(out: Path, base: Path, console: Console) -> dict[str, Path]:
         )
         results[divergence] = result
         console.print(f"  {divergence:<7} {_round_line(result)}")
-    _compare(base, results, console)
-    return {f"heal {d}": r.out for d, r in results.items()}
+    measured = _compare(base, results, console)
+    return HealStep({f"heal {d}": r.out for d, r in results.items()}, measured)
 
 
 def _echo(console: Console) -> Any:
@@ -91,22 +113,29 @@ def _round_line(result: HealResult) -> str:
     return f"{len(rows)} steps in {result.seconds:.1f} s, {nll}{barrier}; {verdicts}"
 
 
-def _compare(base: Path, results: dict[str, HealResult], console: Console) -> None:
-    measured = _measure(base, {d: r.out for d, r in results.items()})
+def comparison_table(measured: dict[str, Measured]) -> Table:
+    """The heal comparison. On a narrow terminal (or 80 columns when the output is a file) the
+    labels fold; a number column is never narrower than its header or values: no figure is cut."""
     table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 2))
-    table.add_column("  on held-out names", no_wrap=True)
+    table.add_column("  on held-out names", overflow="fold", ratio=1)
     for name in measured:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
     for label, attr, digits in COMPARED:
         values = [getattr(m, attr) for m in measured.values()]
         table.add_row(f"  {label}", *("-" if v is None else f"{v:.{digits}f}" for v in values))
-    console.print(table)
+    return table
+
+
+def _compare(base: Path, results: dict[str, HealResult], console: Console) -> dict[str, Measured]:
+    measured = _measure(base, {d: r.out for d, r in results.items()})
+    console.print(comparison_table(measured))
     anchored, plain = measured["kl_rev round"].kl, measured["nll round"].kl
     if anchored and plain:
         if plain >= anchored:
             console.print(f"  => the KL anchor kept the round {plain / anchored:.1f}x closer to the original")
         else:
             console.print(f"  => here the kl_rev round drifted {anchored / plain:.1f}x further than nll")
+    return measured
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from trainmedic.run import Run
 from trainmedic.signals.flags import cap_events, event
 
 KIND = "live_events"
+NOTHING_RECOGNISED = frozenset({Layout.UNKNOWN.value, Layout.EMPTY.value})
 LIVE_LAYOUTS = frozenset(
     {Layout.RUN_LOG.value, Layout.WATCHED_HF_OUTPUT_DIR.value, Layout.WATCHED_HF_CHECKPOINT.value}
 )
@@ -97,9 +98,8 @@ class LiveEventsSpec(ProbeSpec):
 @register(KIND, LiveEventsSpec, needs=("log",), summary="what the live watcher detected and treated")
 def live_events(run: Run, spec: LiveEventsSpec) -> Finding:
     if run.layout not in LIVE_LAYOUTS:
-        return Finding(
-            KIND, KIND, Verdict.SKIP, f"no live record from trainmedic's watcher in this {run.layout}"
-        )
+        where = "here" if run.layout in NOTHING_RECOGNISED else f"in this {run.layout}"
+        return Finding(KIND, KIND, Verdict.SKIP, f"no live record from trainmedic's watcher {where}")
     events = [e for e in run.events if e.get("type", "event") == "event" and _is_step(e.get("step"))]
     endings = [e for e in run.events if e.get("type") == "run_complete"]
     final = next((e for e in reversed(endings) if not e.get("superseded")), None)
@@ -128,6 +128,7 @@ def live_events(run: Run, spec: LiveEventsSpec) -> Finding:
     parts = _event_parts(events, response) + action_text
     head = ", ".join(parts) if parts else f"no warnings, failures or treatments in {n_steps} step(s)"
     message = f"watcher: {head}; {_ending_text(final, endings, last_step)}"
+    charted = _chart_events(events, response)
     evidence = {
         "steps": n_steps,
         "ending": _clean(final),
@@ -147,7 +148,8 @@ def live_events(run: Run, spec: LiveEventsSpec) -> Finding:
         ],
         "listed_actions": [_clean(a) for a in actions[: spec.max_listed]],
         "thresholds": spec.model_dump(exclude={"enabled", "max_listed", "max_events"}),
-        "events": cap_events(_chart_events(events, response), spec.max_events),
+        "events": cap_events(charted, spec.max_events),
+        "events_total": len(charted),
     }
     score = {Verdict.PASS: 1.0, Verdict.WARN: 0.5}.get(verdict, 0.0)
     return Finding(KIND, KIND, verdict, message, score=score, evidence=evidence)
@@ -278,7 +280,7 @@ def _chart_events(events: list[dict[str, Any]], response: dict[int, str | None])
         rule = str(e.get("rule"))
         t = response[id(e)]
         label = RULE_WORDS.get(rule, (rule,))[0] + (f" ({PAST.get(t, t)})" if t else "")
-        out.append(event(e["step"], f"watcher: {label}", sev))
+        out.append(event(e["step"], f"watcher: {label}", "treated" if _treated(t) else sev))
     return out
 
 

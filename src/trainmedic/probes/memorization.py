@@ -45,6 +45,8 @@ def _skip(message: str, **evidence: Any) -> Finding:
 @register(KIND, MemorizationSpec, needs=("log",), summary="train loss ~0 with no eval set")
 def memorization(run: Run, spec: MemorizationSpec) -> Finding:
     objective = classify_objective(run.train_loss.values, run.extra.keys())
+    if objective is Objective.UNKNOWN:
+        return _skip("no finite training loss logged", objective=objective.value)
     if objective is not Objective.CROSS_ENTROPY:
         return _skip(
             f"{objective.value} objective: the loss is not a per-token cross-entropy",

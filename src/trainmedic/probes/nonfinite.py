@@ -98,7 +98,7 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
         events.extend(event(int(s), f"non-finite {name}", "fail") for s in series.steps[mask][:100])
     events.extend(event(int(s), "negative loss", "fail") for s in loss.steps[negative][:20])
     treated_steps = np.union1d(loss.steps[treated_loss], grad.steps[treated_grad])
-    events.extend(event(int(s), "non-finite, update skipped", "warn") for s in treated_steps[:100])
+    events.extend(event(int(s), "non-finite, update skipped", "treated") for s in treated_steps[:100])
 
     excused_steps = [int(s) for s in grad.steps[excused]]
     note = f"; fp16 loss-scaler calibration at step(s) {excused_steps} excluded" if excused_steps else ""
@@ -141,6 +141,7 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
         "skipped_by_watcher": [int(x) for x in treated_steps[:100]],
         "thresholds": spec.model_dump(exclude={"enabled", "max_events"}),
         "events": cap_events(events, spec.max_events),
+        "events_total": len(events),
     }
     score = {Verdict.PASS: 1.0, Verdict.WARN: 0.5}.get(verdict, 0.0)
     return Finding(KIND, KIND, verdict, message, score=score, evidence=evidence)

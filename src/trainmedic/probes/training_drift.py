@@ -242,6 +242,7 @@ def _judge(
         "thresholds": thresholds,
         "curve": curve_evidence(steps, values, spec.curve_points),
         "events": cap_events(events, spec.max_events),
+        "events_total": len(events),
     }
     return Finding(KIND, KIND, verdict, message, score=score, evidence=evidence)
 

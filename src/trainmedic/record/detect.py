@@ -1,4 +1,4 @@
-"""Recognise what a PATH holds, from names and file types only (nothing is parsed here).
+"""Recognise what a PATH holds, from names and file types (and the first bytes of a `.json`).
 
 A Hugging Face output dir watched by trainmedic also holds its run log,
 `logs/train-<run_id>-<YYYYmmddTHHMMSS>.jsonl`: that is a "watched HF output dir", and each of its
@@ -35,6 +35,8 @@ class Layout(StrEnum):
     HF_CHECKPOINT = "HF checkpoint"
     TRAINER_STATE = "trainer_state.json"
     RUN_LOG = "trainmedic run log"
+    REPORT = "trainmedic report"
+    POSTMORTEM = "trainmedic postmortem"
     JSONL = "JSONL log"
     EMPTY = "empty"
     UNKNOWN = "unknown"
@@ -60,12 +62,39 @@ def detect(path: Path) -> Detected:
     if name.endswith(JSONL_SUFFIXES):
         return Detected(Layout.JSONL, files=[path])
     if name.endswith(JSON_SUFFIXES):
-        return Detected(Layout.TRAINER_STATE)
+        return _detect_json(path)
     return Detected(
         Layout.UNKNOWN,
         note=f"{path.name}: not a file trainmedic reads (give a run directory, a trainer_state.json "
         "or a .jsonl log)",
     )
+
+
+def _detect_json(path: Path) -> Detected:
+    """A `.json` file is read as a trainer state, unless its first bytes say it is one of
+    trainmedic's own files (a `check --json` report, a postmortem): those are not a run."""
+    if path.name == POSTMORTEM_NAME:
+        return _not_a_run(Layout.POSTMORTEM, path)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return Detected(Layout.TRAINER_STATE)  # the reader names the error
+    compact = head.replace(b" ", b"").replace(b"\n", b"")
+    if compact.startswith(b'{"schema_version":') and b'"tool":"trainmedic"' in compact:
+        return _not_a_run(Layout.REPORT, path)
+    if compact.startswith(b'{"schema_version":') and b'"writer":"trainmedic"' in compact:
+        return _not_a_run(Layout.POSTMORTEM, path)
+    return Detected(Layout.TRAINER_STATE)
+
+
+def _not_a_run(layout: Layout, path: Path) -> Detected:
+    what = {
+        Layout.REPORT: "a trainmedic check report, not a training run "
+        f"(show it: trainmedic report {path.name})",
+        Layout.POSTMORTEM: "trainmedic's postmortem of a watched run; check the run's output dir instead",
+    }[layout]
+    return Detected(layout, note=f"{path.name}: {what}")
 
 
 def _detect_dir(path: Path) -> Detected:

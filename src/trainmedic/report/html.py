@@ -6,6 +6,7 @@ artifact, an email or an air-gapped machine. Every string from the data is escap
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
@@ -16,7 +17,8 @@ from trainmedic.gate import fail_threshold, gate_fails
 from trainmedic.report import svg
 from trainmedic.report.jsonio import summary_line, utf8_safe
 
-SEVERITY_COLORS = {"warn": "#d97706", "fail": "#dc2626"}
+SEVERITY_COLORS = {"warn": "#d97706", "fail": "#dc2626", "treated": "#0d9488"}
+SEVERITY_WORDS = {"fail": "failure", "warn": "warning", "treated": "treated by the watcher"}
 CURVE_COLORS = {
     "train_loss": "#2563eb",
     "eval_loss": "#ea580c",
@@ -53,10 +55,42 @@ svg .series{stroke-width:1.6}
 svg .bar{fill:#60a5fa}svg .bar.flagged{fill:#dc2626}
 svg .event:hover circle{r:7}
 details{margin:.3rem 0}summary{cursor:pointer;color:var(--muted)}
+section.preface{border-left:4px solid #2563eb;padding:.2rem 1rem;margin:1rem 0}
+caption{text-align:left;color:var(--muted);padding:.2rem 0}
+p.legend{color:var(--muted);font-size:.85rem;margin:.1rem 0 .6rem}
+.key{margin-right:1rem;white-space:nowrap}
+.dot{display:inline-block;width:.7rem;height:.7rem;border-radius:50%;margin-right:.3rem;vertical-align:-1px}
 dl.ev{display:grid;grid-template-columns:max-content auto;gap:.1rem .8rem;margin:.3rem 0;
 font-size:.85rem}dl.ev dt{color:var(--muted)}dl.ev dd{margin:0;word-break:break-all}
 ul{margin:.3rem 0;padding-left:1.3rem}
 """
+
+
+@dataclass
+class Preface:
+    """What a page of runs is about, told before the verdicts (the demo's story: what was done to
+    the runs and how they compare). Plain strings: everything is escaped when rendered."""
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
+    table_headers: list[str] = field(default_factory=list)
+    table_rows: list[list[str]] = field(default_factory=list)
+    table_caption: str = ""
+
+
+def _preface(p: Preface) -> str:
+    out = [f'<section class="preface"><h2>{_e(p.title)}</h2>']
+    out.extend(f"<p>{_e(text)}</p>" for text in p.paragraphs)
+    if p.items:
+        out.append("<ul>" + "".join(f"<li>{_e(i)}</li>" for i in p.items) + "</ul>")
+    if p.table_headers:
+        head = "".join(f"<th>{_e(h)}</th>" for h in p.table_headers)
+        rows = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in p.table_rows)
+        caption = f"<caption>{_e(p.table_caption)}</caption>" if p.table_caption else ""
+        out.append(f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+    out.append("</section>")
+    return "".join(out)
 
 
 def _e(value: object) -> str:
@@ -133,12 +167,51 @@ def _events(report: RunReport) -> list[svg.Marker]:
             markers.append(
                 svg.Marker(
                     step=step,
-                    tooltip=f"{f.name}: {label} (step {svg.value_label(step)}, {severity})",
+                    tooltip=f"{f.name}: {label} (step {svg.value_label(step)}, {SEVERITY_WORDS[severity]})",
                     color=SEVERITY_COLORS[severity],
                     css_class=f"event ev-{severity}",
                 )
             )
     return markers
+
+
+def _not_shown(report: RunReport) -> list[str]:
+    """Per probe, how many of its flagged events the report does not list (a probe keeps at most
+    `max_events`, failures first)."""
+    out = []
+    for f in report.findings:
+        events, total = f.evidence.get("events"), f.evidence.get("events_total")
+        if isinstance(events, list) and isinstance(total, int) and total > len(events):
+            out.append(
+                f"{f.name}: {total - len(events)} more not shown ({len(events)} of {total}, failures first)"
+            )
+    return out
+
+
+def _step_range(report: RunReport, markers: list[svg.Marker]) -> tuple[float, float] | None:
+    """One step axis for every curve chart of a run, so charts line up and compare at a glance."""
+    steps: list[float] = [float(m.step) for m in markers]
+    for name in CURVE_COLORS:
+        curve = report.curves.get(name)
+        if isinstance(curve, dict) and isinstance(curve.get("steps"), list):
+            found = [
+                float(s) for s in curve["steps"] if isinstance(s, int | float) and not isinstance(s, bool)
+            ]
+            steps.extend(x for x in found if x == x and abs(x) != float("inf"))
+    return (min(steps), max(steps)) if steps else None
+
+
+def _legend(markers: list[svg.Marker]) -> str:
+    """What the marker colours mean, for the severities this run's charts show."""
+    shown = [sev for sev in SEVERITY_COLORS if any(m.css_class == f"event ev-{sev}" for m in markers)]
+    if not shown:
+        return ""
+    items = "".join(
+        f'<span class="key"><span class="dot" style="background:{SEVERITY_COLORS[sev]}"></span>'
+        f"{_e(SEVERITY_WORDS[sev])}</span>"
+        for sev in shown
+    )
+    return f'<p class="legend">marked events: {items}</p>'
 
 
 def _line(report: RunReport, name: str, label: str, dots: bool = False) -> svg.Line | None:
@@ -162,13 +235,21 @@ def _charts(report: RunReport) -> str:
         if ln is not None
     ]
     parts = []
+    x_range = _step_range(report, markers)
     if loss_lines or markers:
         title = "loss" + (f" · {len(markers)} flagged event(s)" if markers else "")
-        parts.append(svg.line_chart(loss_lines, title=title, markers=markers, css_class="loss"))
+        parts.append(
+            svg.line_chart(loss_lines, title=title, markers=markers, css_class="loss", x_range=x_range)
+        )
+        parts.append(_legend(markers))
     for name, label in (("grad_norm", "grad norm"), ("learning_rate", "learning rate")):
         ln = _line(report, name, label)
         if ln is not None:
-            parts.append(svg.line_chart([ln], title=label, height=170, css_class=name.replace("_", "-")))
+            parts.append(
+                svg.line_chart(
+                    [ln], title=label, height=170, css_class=name.replace("_", "-"), x_range=x_range
+                )
+            )
     for f in report.findings:
         parts.append(_per_layer_chart(f))
     return "".join(p for p in parts if p)
@@ -191,11 +272,13 @@ def _per_layer_chart(f: Finding) -> str:
     return svg.bar_chart([str(x) for x in layers], values, title=title, highlight=highlight)
 
 
-def _event_list(markers: list[svg.Marker]) -> str:
+def _event_list(markers: list[svg.Marker], not_shown: list[str]) -> str:
     if not markers:
         return ""
     items = "".join(f"<li>{_e(m.tooltip)}</li>" for m in markers)
-    return f"<details><summary>{len(markers)} flagged event(s)</summary><ul>{items}</ul></details>"
+    more = "".join(f"<li>{_e(n)}</li>" for n in not_shown)
+    cut = f" (and more: {len(not_shown)} probe(s) list only some)" if not_shown else ""
+    return f"<details><summary>{len(markers)} flagged event(s){cut}</summary><ul>{items}{more}</ul></details>"
 
 
 def _run_section(report: RunReport, index: int) -> str:
@@ -217,7 +300,7 @@ def _run_section(report: RunReport, index: int) -> str:
             f"<tbody>{rows}</tbody></table>"
         )
     out.append(_charts(report))
-    out.append(_event_list(_events(report)))
+    out.append(_event_list(_events(report), _not_shown(report)))
     if report.notes:
         out.append("<h3>Notes</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in report.notes) + "</ul>")
     if report.other_runs:
@@ -251,8 +334,14 @@ def _summary_table(reports: list[RunReport]) -> str:
     )
 
 
-def render(reports: list[RunReport], *, fail_on: str = "fail", generated_at: str | None = None) -> str:
-    """The complete HTML document."""
+def render(
+    reports: list[RunReport],
+    *,
+    fail_on: str = "fail",
+    generated_at: str | None = None,
+    preface: Preface | None = None,
+) -> str:
+    """The complete HTML document; `preface` is told first (what the runs are and how they differ)."""
     threshold = fail_threshold(fail_on)
     failing = gate_fails(reports, fail_on)
     when = generated_at or datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -266,6 +355,8 @@ def render(reports: list[RunReport], *, fail_on: str = "fail", generated_at: str
         f'<p class="meta">{_e(summary_line(reports, fail_on))} · {gate}</p>',
         f'<p class="meta">trainmedic {_e(trainmedic.__version__)} · {_e(when)}</p>',
     ]
+    if preface is not None:
+        body.append(_preface(preface))
     if len(reports) > 1:
         body.append(_summary_table(reports))
     body.extend(_run_section(r, i) for i, r in enumerate(reports, 1))

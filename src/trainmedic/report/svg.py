@@ -126,7 +126,7 @@ def tick_label(v: float, step: float) -> str:
 
 def _decimals(step: float) -> int:
     if step >= 1:
-        return 0
+        return 0 if float(step).is_integer() else 1  # 2.5-steps: 2.5, 7.5, never "2", "8"
     d = -math.floor(math.log10(step) + 1e-9)
     mantissa = step / 10**-d
     return d + (1 if abs(mantissa - round(mantissa)) > 1e-6 else 0)
@@ -198,11 +198,15 @@ def line_chart(
     height: int = 260,
     markers: Sequence[Marker] = (),
     css_class: str = "lines",
+    x_range: tuple[float, float] | None = None,
 ) -> str:
-    """An SVG line chart with a legend; '' when there is nothing at all to draw."""
+    """An SVG line chart with a legend; '' when there is nothing at all to draw. `x_range` makes
+    the step axis cover at least that range (every chart of one run shares its steps)."""
     cleaned = [_points(ln) for ln in lines]
     finite = [p for pts in cleaned for p in pts if p is not None]
     xs = [p[0] for p in finite] + [float(m.step) for m in markers if _finite(m.step)]
+    if xs and x_range is not None and all(map(_finite, x_range)):
+        xs += [float(x_range[0]), float(x_range[1])]
     ys = [p[1] for p in finite]
     if not xs:
         return ""

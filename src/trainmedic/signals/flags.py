@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Severity = Literal["warn", "fail"]
+Severity = Literal["warn", "fail", "treated"]  # treated: the live watcher handled it
 
 
 @dataclass(frozen=True)

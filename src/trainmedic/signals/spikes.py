@@ -1,9 +1,10 @@
 """Causal loss-spike detection judged against the curve's own noise.
 
 A point is a spike when it exceeds the median of the `smooth_window` points before it by more
-than `k` noise sigmas, the sigma being the robust point-to-point noise of the trailing `window`
-points (refreshed every `stride` points, see `robust.strided_noise`). Only earlier points are
-used, so the verdict at step t is the same whether computed live at step t or after the run.
+than `k` noise sigmas and by at least `min_rise` of that median, the sigma being the robust
+point-to-point noise of the trailing `window` points (refreshed every `stride` points, see
+`robust.strided_noise`). Only earlier points are used, so the verdict at step t is the same
+whether computed live at step t or after the run.
 
 Non-finite values are not spikes (the non-finite check owns them) and do not enter any window:
 both `spike_flags` and `SpikeDetector` work on the finite sub-sequence.
@@ -37,6 +38,9 @@ class SpikeRule:
     - resolution=1e-4: HF rounds logged losses to 4 decimals; a curve that is constant after
       rounding has zero measured noise, and no smaller jump than the rounding step is a spike.
     - rel_floor=1e-3: noise is never taken below 0.1% of the level (float32 averaging noise).
+    - min_rise=0.05: a spike also rises at least 5% above the level. On a curve that barely moves
+      the measured noise is tiny, and 6 of its sigmas can be a hundredth of a nat: no one would
+      act on a jump that a per-step loss makes from one batch to the next.
     """
 
     k: float = 6.0
@@ -46,6 +50,7 @@ class SpikeRule:
     min_history: int = 8
     resolution: float = 1e-4
     rel_floor: float = 1e-3
+    min_rise: float = 0.05
 
     def __post_init__(self) -> None:
         if self.window < max(3, self.smooth_window) or self.stride < 1 or self.smooth_window < 1:
@@ -54,6 +59,12 @@ class SpikeRule:
 
 def _floored(noise: float | np.ndarray, level: float | np.ndarray, rule: SpikeRule) -> np.ndarray:
     return np.maximum(np.maximum(noise, rule.resolution), rule.rel_floor * np.abs(level))
+
+
+def _threshold(noise: float | np.ndarray, level: float | np.ndarray, rule: SpikeRule) -> np.ndarray:
+    """`level` plus k floored sigmas, and never less than `min_rise` of the level above it."""
+    rise = np.maximum(rule.k * _floored(noise, level, rule), rule.min_rise * np.abs(level))
+    return np.asarray(level + rise)
 
 
 def spike_thresholds_finite(
@@ -77,7 +88,7 @@ def spike_thresholds_finite(
         noise = strided_noise(values, rule.window, rule.stride, rule.min_history)
     level = smooth[rule.min_history - 1 : n - 1]  # median of the `smooth_window` points before i
     sigma = np.repeat(noise, rule.stride)[rule.min_history : n]
-    thr = level + rule.k * _floored(sigma, level, rule)
+    thr = _threshold(sigma, level, rule)
     out[rule.min_history :] = thr  # NaN where the noise is not known yet
     return out
 
@@ -120,7 +131,7 @@ class SpikeDetector:
         flag = None
         if self._win.count >= rule.min_history and math.isfinite(noise):
             level = median_of(self._win.last(rule.smooth_window))
-            thr = float(level + rule.k * _floored(noise, level, rule))
+            thr = float(_threshold(noise, level, rule))
             if value > thr:
                 flag = Flag("spike", int(step), float(value), thr, int(step))
         self._win.push(float(value))

@@ -52,10 +52,16 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "trainmedic"
 
 
-def toy_base(cache_dir: Path | None = None) -> Path:
-    """The directory of the pre-trained toy base (tokenizer + model), built on first use."""
+def toy_base(cache_dir: Path | None = None, say: Callable[[str], None] | None = None) -> Path:
+    """The directory of the pre-trained toy base (tokenizer + model), built on first use.
+
+    `say` hears what takes time: a wait for another process that is building it, and the build's
+    progress (default: this module's logger at WARNING)."""
     root = cache_root() if cache_dir is None else Path(cache_dir)
-    return ensure_built(root / f"toy-base-v{CACHE_VERSION}", pretrain_base)
+    tell = say if say is not None else log.warning
+    return ensure_built(
+        root / f"toy-base-v{CACHE_VERSION}", lambda out: pretrain_base(out, say=tell), say=tell
+    )
 
 
 def load_base(path: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -92,28 +98,57 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
+LOCK_REPORT_EVERY_S = 30.0
 
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+
+@contextlib.contextmanager
+def _file_lock(path: Path, say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """An exclusive `flock` on `path`; the holder writes who it is into the file, so a process that
+    has to wait can say whom it waits for (the kernel drops the lock when its holder dies)."""
+    import fcntl
+    import socket
+
+    with path.open("a+") as fh:
+        waited = 0.0
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if say is not None and waited % LOCK_REPORT_EVERY_S == 0:
+                    fh.seek(0)
+                    holder = fh.read(200).strip() or "another process"
+                    how_long = f" ({waited:.0f} s so far)" if waited else ""
+                    say(f"waiting for {path.name}, held by {holder}: it is building the same thing{how_long}")
+                time.sleep(0.5)
+                waited += 0.5
+        if waited and say is not None:
+            say(f"{path.name} released after {waited:.0f} s")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}")
+        fh.flush()
         try:
             yield
         finally:
+            fh.seek(0)
+            fh.truncate()
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_built(target: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
+def ensure_built(
+    target: Path, build: Callable[[Path], dict[str, Any]], say: Callable[[str], None] | None = None
+) -> Path:
     """Return `target` once complete, running `build(tmp_dir) -> info` at most once across processes.
 
     `build` fills a fresh temporary sibling directory; its info becomes the marker file and the
     directory is renamed into place. Leftovers of an interrupted build are removed, never used.
+    `say` hears about a wait for another process that holds the build lock.
     """
     if is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.with_name(target.name + ".lock")):
+    with _file_lock(target.with_name(target.name + ".lock"), say):
         if is_complete(target):  # built by another process while we waited for the lock
             return target
         _remove_leftovers(target)
@@ -180,11 +215,21 @@ def lr_at(step: int, steps: int = STEPS, peak: float = LR, warmup: int = WARMUP)
     return peak * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+PROGRESS_EVERY = 50
+
+
 def pretrain(
-    model: torch.nn.Module, stream: torch.Tensor, steps: int = STEPS, seed: int = SEED
+    model: torch.nn.Module,
+    stream: torch.Tensor,
+    steps: int = STEPS,
+    seed: int = SEED,
+    say: Callable[[str], None] | None = None,
 ) -> list[float]:
-    """Train on random windows of `stream`; return the per-step training losses."""
+    """Train on random windows of `stream`; return the per-step training losses. `say` hears a
+    progress line every PROGRESS_EVERY steps."""
     import torch
+
+    started = time.perf_counter()
 
     gen = torch.Generator().manual_seed(seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -207,11 +252,17 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         losses.append(loss.item())
+        if say is not None and (step + 1) % PROGRESS_EVERY == 0:
+            elapsed = time.perf_counter() - started
+            left = elapsed / (step + 1) * (steps - step - 1)
+            done = f"{elapsed:.0f} s, ~{left:.0f} s left"
+            say(f"pre-training step {step + 1}/{steps}, loss {losses[-1]:.3f} ({done})")
     return losses
 
 
-def pretrain_base(out: Path) -> dict[str, Any]:
-    """Build the tokenizer and the pre-trained model into `out`; return the build record."""
+def pretrain_base(out: Path, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build the tokenizer and the pre-trained model into `out`; return the build record. `say`
+    hears that the build starts and how it progresses (default: this module's logger)."""
     import tokenizers
     import torch
     import transformers
@@ -219,7 +270,8 @@ def pretrain_base(out: Path) -> dict[str, Any]:
     from trainmedic.toy.model import build_model
     from trainmedic.toy.tokenizer import toy_tokenizer
 
-    log.warning("building the toy base model once (about a minute) into %s", out.parent)
+    tell = say if say is not None else log.warning
+    tell(f"building the toy base model once into {out.parent} ({STEPS} pre-training steps, about a minute)")
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
@@ -227,7 +279,7 @@ def pretrain_base(out: Path) -> dict[str, Any]:
         model = build_model(tokenizer, seed=SEED)
         train_ids, heldout_ids = token_stream(tokenizer, "train"), token_stream(tokenizer, "heldout")
         initial = heldout_loss(model, heldout_ids)
-        losses = pretrain(model, train_ids)
+        losses = pretrain(model, train_ids, say=tell)
         final = heldout_loss(model, heldout_ids)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

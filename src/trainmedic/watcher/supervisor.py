@@ -75,11 +75,13 @@ def watch(
     """
     from trainmedic.watcher.resume import resolve_resume
     from trainmedic.watcher.retry import install_retries
+    from trainmedic.watcher.say import make_visible, sayer
 
+    if echo is None:
+        make_visible()
+    say = sayer(echo)
     vitals = vitals or Vitals(config, echo=echo)
-    resume_from_checkpoint = resolve_resume(
-        trainer, vitals, resume, resume_from_checkpoint, echo if echo is not None else logger.info
-    )
+    resume_from_checkpoint = resolve_resume(trainer, vitals, resume, resume_from_checkpoint, say)
     if preflight and not resume_from_checkpoint:
         stopped = _preflight(trainer, vitals, preflight, echo)
         if stopped is not None:
@@ -110,7 +112,7 @@ def watch(
     pm = _postmortem(trainer, vitals, status, reason, time.perf_counter() - start, None)
     last = vitals.last
     final = last.loss if last is not None and last.loss is not None and math.isfinite(last.loss) else None
-    return WatchResult(
+    result = WatchResult(
         status=status,
         reason=reason,
         steps=step,
@@ -121,6 +123,10 @@ def watch(
         postmortem_path=pm,
         train_output=output,
     )
+    if trainer.is_world_process_zero():
+        where = ", ".join(f"{k} {v}" for k, v in (("run log", log_path), ("postmortem", pm)) if v is not None)
+        say(f"[trainmedic] {result.summary()}" + (f"; {where}" if where else ""))
+    return result
 
 
 def _train_with_rollbacks(trainer: Any, vitals: Vitals, resume: str | bool | None) -> Any:
@@ -257,7 +263,9 @@ def _preflight(trainer: Any, vitals: Vitals, batches: int, echo: Any) -> WatchRe
     from trainmedic.watcher.preflight import preflight as run_preflight
 
     check = run_preflight(trainer, batches=batches)
-    say = echo if echo is not None else logger.info
+    from trainmedic.watcher.say import sayer
+
+    say = sayer(echo)
     say(f"[trainmedic] {check.summary()}")
     if check.ok:
         return None

@@ -159,6 +159,8 @@ class Vitals(TrainerCallback):
                 resumed_from_step=state.global_step or None,
             )
             self.run_id = self.recorder.run_id
+            line = f"[trainmedic] watching {args.output_dir}: run log {self.recorder.path}"
+            self._say(line, logging.INFO)
         return control
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -398,7 +400,7 @@ class Vitals(TrainerCallback):
             self.counts[action.action] += 1
         if self.recorder is not None:
             self.recorder.write(action.to_record())
-        if self.echo is not None and action.action != "clip":  # clips are routine; events say why
+        if action.action != "clip":  # clips are routine; events say why
             verbs = {
                 "skip": "update skipped",
                 "stop": "stopping the run",
@@ -406,7 +408,14 @@ class Vitals(TrainerCallback):
                 "lr_cap": "learning rate capped",
             }
             verb = verbs.get(action.action, action.action)
-            self.echo(f"[trainmedic] step {action.step}: {verb}: {action.reason}")
+            line = f"[trainmedic] step {action.step}: {verb}: {action.reason}"
+            self._say(line, logging.WARNING)
+
+    def _say(self, line: str, level: int) -> None:
+        if self.echo is not None:
+            self.echo(line)
+        else:
+            logger.log(level, line)
 
     def _collect_trl_metrics(self, trainer: Any) -> None:
         metrics = getattr(trainer, "_metrics", None)
