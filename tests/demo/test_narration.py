@@ -44,6 +44,14 @@ def test_each_new_record_is_told_once_with_its_step_and_kind(tmp_path: Path) -> 
     ]
 
 
+def test_the_watchers_start_and_end_lines_are_left_to_the_demo(tmp_path: Path) -> None:
+    narrator, _, buffer = _narrator(tmp_path)
+    narrator.echo("[trainmedic] watching out: run log out/logs/train-tm1-20260101T000000.jsonl")
+    narrator.echo("[trainmedic] completed after 9 steps (reached the end): 0 event(s); run log out/x.jsonl")
+    narrator.echo("[trainmedic] completed after 9 steps, a note that names no log")
+    assert _lines(buffer) == ["watcher completed after 9 steps, a note that names no log"]
+
+
 def test_a_certified_checkpoint_is_announced_once_at_the_step_it_was_certified(tmp_path: Path) -> None:
     narrator, _, buffer = _narrator(tmp_path)
     ckpt = tmp_path / "checkpoint-20"

@@ -73,7 +73,10 @@ class Narrator(TrainerCallback):
         self.console.print(_line(step, "watcher", "dim", message))
 
     def echo(self, line: str) -> None:
-        """Vitals' echo: show what was just recorded; a line with no new record is a note."""
+        """Vitals' echo: show what was just recorded; a line with no new record is a note. Where
+        the run log is and how the run ended the demo tells in its own words."""
+        if _bookkeeping(line):
+            return
         if self.vitals is None:
             self.note(line.removeprefix("[trainmedic] "))
             return
@@ -184,3 +187,11 @@ class LiveProgress(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self.progress.update(self.task, completed=state.global_step, watch=self._watch_text())
         return control
+
+
+def _bookkeeping(line: str) -> bool:
+    """The watcher's start and end lines (its paths and summary), which the demo shows itself."""
+    text = line.removeprefix("[trainmedic] ")
+    return text.startswith("watching ") or (
+        text.startswith(("completed after ", "stopped after ")) and "run log " in text
+    )

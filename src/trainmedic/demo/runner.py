@@ -128,9 +128,23 @@ def _base(console: Console) -> Path:
 
     cached = is_complete(cache_root() / f"toy-base-v{CACHE_VERSION}")
     t0 = time.perf_counter()
-    base = toy_base(say=lambda line: console.print(f"  {line}"))
+    heard: list[str] = []
+
+    def say(line: str) -> None:
+        heard.append(line)
+        console.print(f"  {line}")
+
+    base = toy_base(say=say)
     info = build_info(base)
-    how = "reused from the cache" if cached else f"built in {time.perf_counter() - t0:.0f} s"
+    took = time.perf_counter() - t0
+    built_here = any(line.startswith("building the toy base") for line in heard)
+    how = (
+        "reused from the cache"
+        if cached
+        else f"built in {took:.0f} s"
+        if built_here
+        else f"built by another process (waited {took:.0f} s)"
+    )
     home = Path.home()
     shown = f"~/{base.relative_to(home)}" if base.is_relative_to(home) else str(base)
     console.print(f"  {shown}: {how}")

@@ -109,13 +109,24 @@ def render_run(report: RunReport, console: Console, *, verbose: bool = False) ->
 
 def _overview_table(reports: list[RunReport]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("run", no_wrap=True)  # paths read best unbroken; the headline gives way
-    table.add_column("layout", no_wrap=True)
+    # Paths read best unbroken and the headline gives way first; on a narrow terminal (80 columns
+    # when the output is a file) a long path folds too, so the headline keeps room for its words.
+    table.add_column("run", overflow="fold")
+    table.add_column("layout")
     table.add_column("verdict", no_wrap=True)
-    table.add_column("headline", overflow="fold")
+    table.add_column("why", overflow="fold")
     for r in reports:
-        table.add_row(Text(utf8_safe(r.path)), Text(utf8_safe(r.layout)), run_verdict_text(r), _headline(r))
+        table.add_row(Text(utf8_safe(r.path)), Text(utf8_safe(r.layout)), run_verdict_text(r), _why(r))
     return table
+
+
+def _why(report: RunReport) -> Text:
+    """The headline less the verdict the row already shows: the probes that drove it."""
+    text = _headline(report)
+    head, sep, rest = text.plain.partition(": ")
+    if sep and (head == "nothing to check" or head.lower() == report.worst.value):
+        text = Text(rest, style=text.style)
+    return text
 
 
 def _gate_line(reports: list[RunReport], fail_on: str) -> Text:

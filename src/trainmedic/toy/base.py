@@ -263,6 +263,26 @@ def pretrain(
 def pretrain_base(out: Path, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build the tokenizer and the pre-trained model into `out`; return the build record. `say`
     hears that the build starts and how it progresses (default: this module's logger)."""
+    import torch
+
+    tell = say if say is not None else log.warning
+    tell(f"building the toy base model once into {out.parent} ({STEPS} pre-training steps, 1-3 minutes)")
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    # batches of 16 x 128 tokens keep every core busy (about 1.7x faster on 2 than on 1), even
+    # when the caller asked for one thread for the small fine-tunes that follow
+    torch.set_num_threads(max(threads, _cores()))
+    try:
+        return _pretrain_into(out, tell, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _pretrain_into(out: Path, tell: Callable[[str], None], started: float) -> dict[str, Any]:
     import tokenizers
     import torch
     import transformers
@@ -270,9 +290,6 @@ def pretrain_base(out: Path, say: Callable[[str], None] | None = None) -> dict[s
     from trainmedic.toy.model import build_model
     from trainmedic.toy.tokenizer import toy_tokenizer
 
-    tell = say if say is not None else log.warning
-    tell(f"building the toy base model once into {out.parent} ({STEPS} pre-training steps, about a minute)")
-    started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         tokenizer = toy_tokenizer()
