@@ -47,17 +47,7 @@ def test_single_run_shows_header_table_headline_and_notes():
         assert needle in out
     for f in _failing().findings:
         assert f.name in out and f.verdict.value.upper() in out and f.message in out
-    row = next(line for line in out.splitlines() if "ERROR" in line and "adapter_weights" in line)
-    assert "ERROR: " not in row  # the verdict column says ERROR; the why column names the probe
-
-
-def test_the_overview_fits_80_columns_without_cutting_a_word() -> None:
-    reports = [_failing(), _healthy("a/very/long/path/to/some/output-dir-of-a-run/checkpoint-1200")]
-    buffer = io.StringIO()
-    terminal.render(reports, Console(file=buffer, width=80, color_system=None))
-    text = buffer.getvalue()
-    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
-    assert "adapter_weights" in text and "…" not in text
+    assert "ERROR: adapter_weights" in out
     assert "torn last line (tolerated)" in out
     assert "1 run: 1 error" in out and "gate fails (--fail-on fail)" in out
 
