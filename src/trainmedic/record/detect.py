@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from trainmedic.record import dlm, hf
+from trainmedic.record import dlm, hf, lightning, llamafactory, tfevents
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
@@ -35,6 +35,10 @@ class Layout(StrEnum):
     HF_CHECKPOINT = "HF checkpoint"
     TRAINER_STATE = "trainer_state.json"
     RUN_LOG = "trainmedic run log"
+    LLAMAFACTORY_DIR = "LLaMA-Factory output dir"
+    LLAMAFACTORY_LOG = "LLaMA-Factory log"
+    TENSORBOARD = "TensorBoard events"
+    LIGHTNING = "Lightning metrics.csv"
     REPORT = "trainmedic report"
     POSTMORTEM = "trainmedic postmortem"
     JSONL = "JSONL log"
@@ -59,8 +63,14 @@ def detect(path: Path) -> Detected:
     if not stat.S_ISREG(mode):
         return Detected(Layout.UNKNOWN, note=f"{path}: not a regular file or directory; not read")
     name = path.name.lower()
+    if tfevents.is_event_file(name) or name.endswith(".tfevents"):
+        return Detected(Layout.TENSORBOARD, files=[path])
     if name.endswith(JSONL_SUFFIXES):
+        if name == llamafactory.LOG_NAME or llamafactory.looks_like(_first_line(path)):
+            return Detected(Layout.LLAMAFACTORY_LOG, files=[path])
         return Detected(Layout.JSONL, files=[path])
+    if name.endswith(".csv"):
+        return Detected(Layout.LIGHTNING, files=[path])
     if name.endswith(JSON_SUFFIXES):
         return _detect_json(path)
     return Detected(
@@ -121,17 +131,50 @@ def _detect_dir(path: Path) -> Detected:
         return Detected(Layout.DLM_STORE)
     if run_logs:  # a watched run that saved nothing yet (and whose run id is not dlm's number)
         return Detected(Layout.WATCHED_HF_OUTPUT_DIR, files=run_logs)
+    if has_ckpts and llamafactory.LOG_NAME in entries:
+        # LLaMA-Factory writes trainer_state.json only when training ends: a killed run has its
+        # own log and checkpoints
+        return Detected(Layout.LLAMAFACTORY_DIR, files=[path / llamafactory.LOG_NAME])
     if has_ckpts:
         return Detected(Layout.HF_OUTPUT_DIR)
     if hf.CHECKPOINT_RE.match(path.name) or (has_state and os.path.lexists(path / "optimizer.pt")):
         return Detected(Layout.HF_CHECKPOINT)
     if has_state or hf.weights_file(path) is not None:
         return Detected(Layout.HF_OUTPUT_DIR)
+    other = _other_tool(path, entries)
+    if other is not None:
+        return other
     logs = [path / n for n in sorted(entries, key=log_order) if n.lower().endswith(JSONL_SUFFIXES)]
     if logs:
         return Detected(Layout.JSONL, files=logs)
     shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
     return Detected(Layout.UNKNOWN, note=f"no training artifacts recognised; found: {shown}")
+
+
+def _other_tool(path: Path, entries: list[str]) -> Detected | None:
+    """The logs other tools leave in a directory: LLaMA-Factory's trainer_log.jsonl, TensorBoard
+    event files (in the dir or in `runs/<date>/`), Lightning's `lightning_logs/version_N/`."""
+    if llamafactory.LOG_NAME in entries:
+        return Detected(Layout.LLAMAFACTORY_DIR, files=[path / llamafactory.LOG_NAME])
+    versions = lightning.version_dirs(path)
+    if not versions and path.name == "lightning_logs":
+        versions = lightning.version_dirs(path.parent)
+    if versions:
+        return Detected(Layout.LIGHTNING, files=[versions[-1] / lightning.METRICS_NAME])
+    if lightning.METRICS_NAME in entries:
+        return Detected(Layout.LIGHTNING, files=[path / lightning.METRICS_NAME])
+    events = tfevents.event_files(path)
+    if events:
+        return Detected(Layout.TENSORBOARD, files=events)
+    return None
+
+
+def _first_line(path: Path) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            return fh.readline(4096)
+    except OSError:
+        return b""
 
 
 def log_order(name: str) -> tuple[str, str]:

@@ -43,6 +43,8 @@ def _load(path: Path) -> Run:
         return read_watched_output_dir(path, found.files)
     if layout is Layout.WATCHED_HF_CHECKPOINT:
         return read_watched_checkpoint(path, found.files)
+    if layout in OTHER_TOOLS:
+        return read_other_tool(path, layout, found.files)
     run = Run(path=path, layout=layout.value)
     if found.note:
         run.notes.append(found.note)
@@ -139,3 +141,42 @@ def _saved_run_id(ckpt: Path) -> str | None:
         return None
     rid = payload.get("run_id") if isinstance(payload, dict) else None
     return rid if isinstance(rid, str) else None
+
+
+OTHER_TOOLS = frozenset(
+    {Layout.LLAMAFACTORY_DIR, Layout.LLAMAFACTORY_LOG, Layout.TENSORBOARD, Layout.LIGHTNING}
+)
+
+
+def read_other_tool(path: Path, layout: Layout, files: list[Path]) -> Run:
+    """A log another tool wrote (LLaMA-Factory, TensorBoard, Lightning): its curves, and the newest
+    complete checkpoint's adapter and optimizer when the directory holds HF checkpoints."""
+    from trainmedic.record import lightning, llamafactory, tfevents
+
+    run = Run(path=path, layout=layout.value, label=path.name)
+    if layout in (Layout.LLAMAFACTORY_DIR, Layout.LLAMAFACTORY_LOG):
+        llamafactory.read_trainer_log(files[0], run)
+    elif layout is Layout.TENSORBOARD:
+        tfevents.read_event_files(files, run)
+    else:
+        lightning.read_metrics_csv(files[0], run)
+    where = path if path.is_dir() else path.parent
+    shown = ", ".join(_shown(f, where) for f in files[:3]) + (
+        f" (+{len(files) - 3} more)" if len(files) > 3 else ""
+    )
+    run.notes.append(f"curves from {shown}")
+    if path.is_dir():
+        ckpts = hf.checkpoints(path)
+        if ckpts:
+            chosen = hf.newest_complete(ckpts, run)
+            run.label = hf.read_output_artifacts(path, run, chosen, len(ckpts))
+        elif hf.weights_file(path) is not None:
+            run.label = hf.read_output_artifacts(path, run, None, 0)
+    return run
+
+
+def _shown(file: Path, root: Path) -> str:
+    try:
+        return str(file.relative_to(root))
+    except ValueError:
+        return str(file)
