@@ -266,3 +266,44 @@ def test_every_real_log_is_read_and_no_healthy_run_fails(tmp_path: Path) -> None
         assert len(curve.get("steps", [])) >= min(int(entry["points"]), 20), entry["file"]  # type: ignore[call-overload]
         if entry["label"] == "healthy":
             assert not gate_fails([report]), (entry["file"], report.headline())
+
+
+# ----------------------------------------------------------------------------- torchtune, MLflow
+def test_torchtune_disk_logs_are_read_a_restart_writes_a_later_file(tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    out.mkdir()
+    (out / "log_1700000000.txt").write_text(
+        "".join(
+            f"Step {s} | loss:{3.0 - 0.1 * s} lr:2e-05 tokens_per_second_per_gpu:800.0 \n"
+            for s in range(1, 6)
+        )
+    )
+    (out / "log_1700000500.txt").write_text("Step 5 | loss:2.4 lr:2e-05 grad_norm:0.9 \nnot a step line\n")
+    assert detect(out).layout is Layout.TORCHTUNE
+    run = load_run(out)
+    assert run.train_loss.steps.tolist() == [1, 2, 3, 4, 5] and run.train_loss.values[-1] == 2.4
+    assert run.learning_rate.values.tolist() == [2e-05] * 5 and run.grad_norm.steps.tolist() == [5]
+    assert [(p.line, p.message) for p in run.problems] == [(2, "not a 'Step N | name:value ...' line")]
+
+
+def _mlflow_run(store: Path, run_id: str, start: int, losses: list[float]) -> Path:
+    run = store / "0" / run_id
+    (run / "metrics").mkdir(parents=True)
+    (run / "meta.yaml").write_text(f"run_id: {run_id}\nstart_time: {start}\n")
+    (run / "metrics" / "loss").write_text("".join(f"{start + s} {v} {s}\n" for s, v in enumerate(losses, 1)))
+    (run / "metrics" / "learning_rate").write_text(f"{start} 0.0001 1\n")
+    return run
+
+
+def test_an_mlflow_file_store_judges_its_newest_run(tmp_path: Path) -> None:
+    store = tmp_path / "mlruns"
+    _mlflow_run(store, "aaa", 1000, [9.0, 9.0])
+    _mlflow_run(store, "bbb", 2000, [3.0, 2.5, 2.0])
+    (store / "0" / "bbb" / "metrics" / "eval_loss").write_text("2000 2.2 3\n2001 x 4\n")
+    for path in (tmp_path, store, store / "0" / "bbb"):
+        assert detect(path).layout is Layout.MLFLOW, path
+    run = load_run(tmp_path)
+    assert run.train_loss.values.tolist() == [3.0, 2.5, 2.0]
+    assert run.eval_loss.values.tolist() == [2.2] and len(run.learning_rate) == 1
+    assert any("2 MLflow runs here; judging the newest (bbb)" in n for n in run.notes)
+    assert [p.line for p in run.problems] == [2]

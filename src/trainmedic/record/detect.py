@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from trainmedic.record import dlm, hf, lightning, llamafactory, tfevents
+from trainmedic.record import dlm, hf, lightning, llamafactory, textlogs, tfevents
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
@@ -38,6 +38,8 @@ class Layout(StrEnum):
     LLAMAFACTORY_DIR = "LLaMA-Factory output dir"
     LLAMAFACTORY_LOG = "LLaMA-Factory log"
     TENSORBOARD = "TensorBoard events"
+    TORCHTUNE = "torchtune log"
+    MLFLOW = "MLflow run"
     LIGHTNING = "Lightning metrics.csv"
     REPORT = "trainmedic report"
     POSTMORTEM = "trainmedic postmortem"
@@ -71,6 +73,8 @@ def detect(path: Path) -> Detected:
         return Detected(Layout.JSONL, files=[path])
     if name.endswith(".csv"):
         return Detected(Layout.LIGHTNING, files=[path])
+    if textlogs.TORCHTUNE_RE.match(name):
+        return Detected(Layout.TORCHTUNE, files=[path])
     if name.endswith(JSON_SUFFIXES):
         return _detect_json(path)
     return Detected(
@@ -166,6 +170,14 @@ def _other_tool(path: Path, entries: list[str]) -> Detected | None:
     events = tfevents.event_files(path)
     if events:
         return Detected(Layout.TENSORBOARD, files=events)
+    tune = textlogs.torchtune_logs(path)
+    if tune:
+        return Detected(Layout.TORCHTUNE, files=tune)
+    store = path / "mlruns" if "mlruns" in entries else path
+    if store.name == "mlruns" or "metrics" in entries or "meta.yaml" in entries:
+        runs = textlogs.mlflow_runs(store)
+        if runs:  # the newest run is judged; the others are named in a note
+            return Detected(Layout.MLFLOW, files=runs)
     return None
 
 

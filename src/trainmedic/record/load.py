@@ -144,20 +144,35 @@ def _saved_run_id(ckpt: Path) -> str | None:
 
 
 OTHER_TOOLS = frozenset(
-    {Layout.LLAMAFACTORY_DIR, Layout.LLAMAFACTORY_LOG, Layout.TENSORBOARD, Layout.LIGHTNING}
+    {
+        Layout.LLAMAFACTORY_DIR,
+        Layout.LLAMAFACTORY_LOG,
+        Layout.TENSORBOARD,
+        Layout.LIGHTNING,
+        Layout.TORCHTUNE,
+        Layout.MLFLOW,
+    }
 )
 
 
 def read_other_tool(path: Path, layout: Layout, files: list[Path]) -> Run:
     """A log another tool wrote (LLaMA-Factory, TensorBoard, Lightning): its curves, and the newest
     complete checkpoint's adapter and optimizer when the directory holds HF checkpoints."""
-    from trainmedic.record import lightning, llamafactory, tfevents
+    from trainmedic.record import lightning, llamafactory, textlogs, tfevents
 
     run = Run(path=path, layout=layout.value, label=path.name)
     if layout in (Layout.LLAMAFACTORY_DIR, Layout.LLAMAFACTORY_LOG):
         llamafactory.read_trainer_log(files[0], run)
     elif layout is Layout.TENSORBOARD:
         tfevents.read_event_files(files, run)
+    elif layout is Layout.TORCHTUNE:
+        textlogs.read_torchtune(files, run)
+    elif layout is Layout.MLFLOW:
+        *earlier, newest = files
+        textlogs.read_mlflow(newest, run)
+        if earlier:
+            run.notes.append(f"{len(earlier) + 1} MLflow runs here; judging the newest ({newest.name})")
+        files = [newest / "metrics"]
     else:
         lightning.read_metrics_csv(files[0], run)
     where = path if path.is_dir() else path.parent
