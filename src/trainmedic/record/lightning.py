@@ -17,11 +17,11 @@ import io
 from pathlib import Path
 
 from trainmedic.findings import Problem
+from trainmedic.record.columns import Columns, add_problems, series_of
 from trainmedic.run import Run, Series
 
 METRICS_NAME = "metrics.csv"
 MAX_BYTES = 512 * 1024 * 1024
-MAX_PROBLEMS = 20
 TRAIN_LOSS = (
     "train_loss_step",
     "train/loss_step",
@@ -88,7 +88,7 @@ def read_metrics_csv(path: Path, run: Run) -> None:
     }
     index = {name: header.index(col) for name, col in wanted.items() if col is not None}
     step_at = header.index("step")
-    columns: dict[str, dict[int, float]] = {name: {} for name in index}
+    columns: Columns = {name: {} for name in index}
     problems: list[Problem] = []
     for number, row in enumerate(rows, 2):
         if not row:
@@ -112,12 +112,8 @@ def read_metrics_csv(path: Path, run: Run) -> None:
                 )
                 continue
             columns[name][step] = value  # a repeated step (a resumed run) keeps the later row
-    run.problems.extend(problems[:MAX_PROBLEMS])
-    if len(problems) > MAX_PROBLEMS:
-        run.problems.append(
-            Problem(str(path), f"and {len(problems) - MAX_PROBLEMS} more problem(s)", None, "log")
-        )
-    series = {name: _series(points) for name, points in columns.items()}
+    add_problems(run, problems, path)
+    series = {name: series_of(points) for name, points in columns.items()}
     run.train_loss = series.get("train_loss", Series.empty())
     run.eval_loss = series.get("eval_loss", Series.empty())
     run.grad_norm = series.get("grad_norm", Series.empty())
@@ -128,8 +124,3 @@ def read_metrics_csv(path: Path, run: Run) -> None:
 
 def _first(header: list[str], names: tuple[str, ...]) -> str | None:
     return next((n for n in names if n in header), None)
-
-
-def _series(points: dict[int, float]) -> Series:
-    steps = sorted(points)
-    return Series.of(steps, [points[s] for s in steps])

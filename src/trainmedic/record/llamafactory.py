@@ -24,11 +24,11 @@ from typing import Any
 import orjson
 
 from trainmedic.findings import Problem
-from trainmedic.run import Run, Series
+from trainmedic.record.columns import Columns, add_problems, pick, series_of
+from trainmedic.run import Run
 
 LOG_NAME = "trainer_log.jsonl"
 MAX_BYTES = 512 * 1024 * 1024
-MAX_PROBLEMS = 20
 LR_KEYS = ("lr", "learning_rate")
 # DPO / reward-model runs log `accuracy` beside the loss: that makes the objective a preference one
 EXTRA_KEYS = {"accuracy": "rewards/accuracies", "reward": "reward"}
@@ -52,7 +52,7 @@ def read_trainer_log(path: Path, run: Run) -> None:
         run.problems.append(Problem(str(path), f"cannot read: {exc.strerror or exc}", None, "log"))
         return
     run.sources.append(path)
-    columns: dict[str, tuple[list[int], list[float]]] = {}
+    columns: Columns = {}
     problems: list[Problem] = []
     total_steps: int | None = None
     last_step: int | None = None
@@ -89,16 +89,12 @@ def read_trainer_log(path: Path, run: Run) -> None:
             _take(rec, lr_key, "lr", step, columns, problems, path, number)
         for key, name in EXTRA_KEYS.items():
             _take(rec, key, name, step, columns, problems, path, number)
-    run.problems.extend(problems[:MAX_PROBLEMS])
-    if len(problems) > MAX_PROBLEMS:
-        run.problems.append(
-            Problem(str(path), f"and {len(problems) - MAX_PROBLEMS} more problem(s)", None, "log")
-        )
-    run.train_loss = _series(columns.get("loss"))
-    run.eval_loss = _series(columns.get("eval_loss"))
-    run.grad_norm = _series(columns.get("grad_norm"))
-    run.learning_rate = _series(columns.get("lr"))
-    run.extra = {name: _series(columns[name]) for name in EXTRA_KEYS.values() if name in columns}
+    add_problems(run, problems, path)
+    run.train_loss = pick(columns, ("loss",))
+    run.eval_loss = pick(columns, ("eval_loss",))
+    run.grad_norm = pick(columns, ("grad_norm",))
+    run.learning_rate = pick(columns, ("lr",))
+    run.extra = {name: series_of(columns[name]) for name in EXTRA_KEYS.values() if name in columns}
     if total_steps is not None:
         run.max_steps = total_steps
         run.completed = last_step is not None and last_step >= total_steps
@@ -111,7 +107,7 @@ def _take(
     key: str,
     name: str,
     step: int,
-    columns: dict[str, tuple[list[int], list[float]]],
+    columns: Columns,
     problems: list[Problem],
     path: Path,
     number: int,
@@ -127,9 +123,7 @@ def _take(
     except OverflowError:  # an integer beyond any float: one bad value, not a lost file
         problems.append(Problem(str(path), f"'{key}' is out of range", number, "log"))
         return
-    steps, values = columns.setdefault(name, ([], []))
-    steps.append(step)
-    values.append(number_value)
+    columns.setdefault(name, {})[step] = number_value  # a step written again (a resume): the later wins
 
 
 def _as_int(value: Any) -> int | None:
@@ -137,12 +131,3 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and -(2**62) < value < 2**62:
         return value
     return None
-
-
-def _series(column: tuple[list[int], list[float]] | None) -> Series:
-    """Steps ascending; where a step repeats (a resumed run wrote it again) the later line wins."""
-    if column is None:
-        return Series.empty()
-    latest = dict(zip(column[0], column[1], strict=True))
-    steps = sorted(latest)
-    return Series.of(steps, [latest[s] for s in steps])

@@ -16,10 +16,10 @@ import re
 from pathlib import Path
 
 from trainmedic.findings import Problem
-from trainmedic.run import Run, Series
+from trainmedic.record.columns import Columns, add_problems, pick
+from trainmedic.run import Run
 
 MAX_BYTES = 256 * 1024 * 1024
-MAX_PROBLEMS = 20
 TORCHTUNE_RE = re.compile(r"^log_\d+\.txt$")
 _STEP_RE = re.compile(r"^Step (\d+) \| (.*)$")
 
@@ -63,7 +63,7 @@ def _start_time(run: Path) -> tuple[int, str]:
 
 
 def read_torchtune(files: list[Path], run: Run) -> None:
-    columns: dict[str, dict[int, float]] = {}
+    columns: Columns = {}
     problems: list[Problem] = []
     for path in files:
         text = _read(path, run)
@@ -91,7 +91,7 @@ def read_torchtune(files: list[Path], run: Run) -> None:
 
 def read_mlflow(run_dir: Path, run: Run) -> None:
     metrics = run_dir / "metrics"
-    columns: dict[str, dict[int, float]] = {}
+    columns: Columns = {}
     problems: list[Problem] = []
     files = sorted(p for p in _files(metrics))
     for path in files:
@@ -142,22 +142,9 @@ def _number(raw: str) -> float | None:
         return None
 
 
-def _fill(run: Run, columns: dict[str, dict[int, float]], problems: list[Problem], files: list[Path]) -> None:
-    run.problems.extend(problems[:MAX_PROBLEMS])
-    if len(problems) > MAX_PROBLEMS:
-        run.problems.append(
-            Problem(str(files[0]), f"and {len(problems) - MAX_PROBLEMS} more problem(s)", None, "log")
-        )
-
-    def pick(names: tuple[str, ...]) -> Series:
-        for name in names:
-            if name in columns:
-                points = columns[name]
-                steps = sorted(points)
-                return Series.of(steps, [points[s] for s in steps])
-        return Series.empty()
-
-    run.train_loss, run.eval_loss = pick(TRAIN_LOSS), pick(EVAL_LOSS)
-    run.grad_norm, run.learning_rate = pick(GRAD_NORM), pick(LEARNING_RATE)
+def _fill(run: Run, columns: Columns, problems: list[Problem], files: list[Path]) -> None:
+    add_problems(run, problems, files[0])
+    run.train_loss, run.eval_loss = pick(columns, TRAIN_LOSS), pick(columns, EVAL_LOSS)
+    run.grad_norm, run.learning_rate = pick(columns, GRAD_NORM), pick(columns, LEARNING_RATE)
     if not run.has_log:
         run.notes.append(f"no loss metric among: {', '.join(sorted(columns)[:8]) or 'none'}")

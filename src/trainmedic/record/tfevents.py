@@ -26,12 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from trainmedic.findings import Problem
-from trainmedic.run import Run, Series
+from trainmedic.record.columns import Columns, add_problems, pick, series_of
+from trainmedic.run import Run
 
 EVENTS_MARK = "tfevents"
 MAX_BYTES = 1 << 30
 MAX_RECORD = 64 << 20
-MAX_PROBLEMS = 20
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 # Trainer tags (and common spellings of other writers) -> the run's curves
@@ -68,7 +68,7 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def read_event_files(files: list[Path], run: Run) -> None:
     """Scalars of every file into `run`'s curves; problems (file and record number) go to `run`."""
-    columns: dict[str, dict[int, float]] = {}
+    columns: Columns = {}
     problems: list[Problem] = []
     for path in files:
         try:
@@ -92,33 +92,17 @@ def read_event_files(files: list[Path], run: Run) -> None:
         run.sources.append(path)
         for tag, step, value in _scalars(data, path, problems):
             columns.setdefault(tag, {})[step] = value  # later records (and files) win
-    run.problems.extend(problems[:MAX_PROBLEMS])
-    if len(problems) > MAX_PROBLEMS:
-        run.problems.append(
-            Problem(str(files[0]), f"and {len(problems) - MAX_PROBLEMS} more problem(s)", None, "log")
-        )
-    run.train_loss = _pick(columns, TRAIN_LOSS)
-    run.eval_loss = _pick(columns, EVAL_LOSS)
-    run.grad_norm = _pick(columns, GRAD_NORM)
-    run.learning_rate = _pick(columns, LEARNING_RATE)
-    run.extra = {name: _series(columns[tag]) for tag, name in EXTRAS.items() if tag in columns}
+    add_problems(run, problems, files[0])
+    run.train_loss = pick(columns, TRAIN_LOSS)
+    run.eval_loss = pick(columns, EVAL_LOSS)
+    run.grad_norm = pick(columns, GRAD_NORM)
+    run.learning_rate = pick(columns, LEARNING_RATE)
+    run.extra = {name: series_of(columns[tag]) for tag, name in EXTRAS.items() if tag in columns}
     if "train/train_loss" in columns:  # the Trainer writes it once, when train() returns
         run.completed = True
     if not run.has_log:
         tags = ", ".join(sorted(columns)[:8]) or "none"
         run.notes.append(f"no loss scalar in the event files (tags: {tags})")
-
-
-def _pick(columns: dict[str, dict[int, float]], tags: tuple[str, ...]) -> Series:
-    for tag in tags:
-        if tag in columns:
-            return _series(columns[tag])
-    return Series.empty()
-
-
-def _series(points: dict[int, float]) -> Series:
-    steps = sorted(points)
-    return Series.of(steps, [points[s] for s in steps])
 
 
 # ------------------------------------------------------------------------------ records
