@@ -51,11 +51,41 @@ def test_nan_loss_fails_naming_the_first_step_and_count() -> None:
     assert [e["step"] for e in f.evidence["events"]] == [41, 71]
 
 
-def test_nonfinite_grad_norm_with_finite_loss_counts() -> None:
+def test_nonfinite_grad_norms_that_never_recover_count_though_the_loss_looks_finite() -> None:
     grad = np.ones(N)
-    grad[60] = np.inf  # HF's nan/inf filter hid it from the loss
+    grad[60:] = np.inf  # HF's nan/inf filter hid it from the loss; the weights are gone
     f = nonfinite(make_run(grad=grad), SPEC)
-    assert f.verdict is Verdict.FAIL and "grad_norm 1 (first at step 61)" in f.message
+    assert f.verdict is Verdict.FAIL and "grad_norm 40 (first at step 61)" in f.message
+
+
+def test_an_isolated_fp16_scaler_skip_mid_run_is_named_and_only_warns() -> None:
+    grad = np.ones(N)
+    grad[32] = np.inf  # one overflow: the scaler skipped the step, the next norms are finite
+    f = nonfinite(make_run(grad=grad), SPEC)
+    assert f.verdict is Verdict.WARN, f.message
+    assert "1 fp16 loss-scaler skip(s) at step(s) 33" in f.message
+    assert f.evidence["scaler_skips_excluded"] == [33] and f.evidence["counts"]["grad_norm"] == 0
+
+
+def test_a_scaler_that_keeps_skipping_fails() -> None:
+    grad = np.ones(N)
+    grad[10:90:10] = np.nan  # 8 isolated skips in 100 points: more than now and then
+    f = nonfinite(make_run(grad=grad), SPEC)
+    assert f.verdict is Verdict.FAIL
+    assert "grad_norm 8" in f.message and "too many to be occasional fp16 scaler skips" in f.message
+
+
+def test_a_long_run_of_non_finite_norms_is_no_scaler_skip() -> None:
+    grad = np.ones(N)
+    grad[40:45] = np.nan  # 5 in a row, then finite: longer than the scaler needs
+    assert nonfinite(make_run(grad=grad), SPEC).verdict is Verdict.FAIL
+
+
+def test_a_non_finite_norm_beside_a_non_finite_loss_is_no_scaler_skip() -> None:
+    loss, grad = np.linspace(2.0, 1.0, N), np.ones(N)
+    loss[50], grad[50] = np.nan, np.nan
+    f = nonfinite(make_run(loss, grad), SPEC)
+    assert f.verdict is Verdict.FAIL and f.evidence["counts"]["grad_norm"] == 1
 
 
 def test_fp16_scaler_calibration_at_the_start_is_excluded_and_said() -> None:
@@ -68,12 +98,14 @@ def test_fp16_scaler_calibration_at_the_start_is_excluded_and_said() -> None:
     assert f.evidence["scaler_calibration_excluded"] == [1]
 
 
-def test_same_pattern_with_a_moving_lr_is_a_real_overflow() -> None:
+def test_same_pattern_with_a_moving_lr_is_no_calibration_but_a_scaler_skip() -> None:
     grad = np.ones(N)
     grad[0] = np.nan
-    f = nonfinite(make_run(grad=grad), SPEC)  # LR already 1e-4
-    assert f.verdict is Verdict.FAIL
+    f = nonfinite(make_run(grad=grad), SPEC)  # LR already 1e-4: not the scaler's calibration
     assert f.evidence["scaler_calibration_excluded"] == []
+    assert f.evidence["scaler_skips_excluded"] == [1] and f.verdict is Verdict.WARN
+    grad[:5] = np.nan  # five in a row at a moving LR: a real overflow
+    assert nonfinite(make_run(grad=grad), SPEC).verdict is Verdict.FAIL
 
 
 def test_dlm_nan_step_logged_as_zero_loss_with_nan_grad_counts_as_nan_loss() -> None:

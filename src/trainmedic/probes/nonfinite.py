@@ -2,8 +2,10 @@
 
 Hugging Face's default `logging_nan_inf_filter` logs a NaN step loss as the running average, so
 a broken run often shows only a non-finite `grad_norm`: that counts. dlm logs a NaN step as loss
-0.0 beside a NaN grad norm; that pair counts as a non-finite loss. The one pattern excluded is
-the fp16 loss scaler calibrating (see `signals.nonfinite`), and the message says so.
+0.0 beside a NaN grad norm; that pair counts as a non-finite loss. Two patterns are excluded, and
+the message says so: the fp16 loss scaler calibrating at the start, and its occasional skips
+later (an isolated non-finite grad norm with a finite loss, finite again after; see
+`signals.nonfinite`). A scaler that skips on and on is not excused.
 
 A live watcher that skipped a step's update because its loss or gradient was non-finite left the
 weights untouched: such values are reported as treated and give WARN, not FAIL (the run log's
@@ -27,7 +29,7 @@ from trainmedic.probes.base import ProbeSpec, register
 from trainmedic.record.hf_log import hidden_nan_losses
 from trainmedic.run import Run
 from trainmedic.signals.flags import cap_events, event
-from trainmedic.signals.nonfinite import ScalerRule, scaler_calibration_mask
+from trainmedic.signals.nonfinite import ScalerRule, ScalerSkipRule, scaler_calibration_mask, scaler_skip_mask
 from trainmedic.signals.objective import classify_objective, is_likelihood
 
 KIND = "nonfinite"
@@ -42,7 +44,18 @@ class NonFiniteSpec(ProbeSpec):
     negative_tol: float = Field(
         1e-3, ge=0, description="a likelihood loss below -tol is impossible (beyond rounding noise)"
     )
+    scaler_skip_run: int = Field(
+        3, ge=0, description="mid-run non-finite grad norms in a row still read as fp16 scaler skips"
+    )
+    scaler_skip_share: float = Field(
+        0.02, ge=0, le=1, description="share of grad-norm points that may be scaler skips (at least 3)"
+    )
     max_events: int = Field(50, ge=0, description="events kept for the report's chart")
+
+
+def _listed(steps: list[int], most: int = 8) -> str:
+    shown = ", ".join(str(s) for s in steps[:most])
+    return shown + (f" and {len(steps) - most} more" if len(steps) > most else "")
 
 
 def _first(steps: np.ndarray, mask: np.ndarray) -> int | None:
@@ -57,6 +70,7 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
         return Finding(KIND, KIND, Verdict.SKIP, "no loss, grad norm or eval loss logged")
     bad_loss = ~np.isfinite(loss.values)
     bad_loss |= hidden_nan_losses(loss, grad)  # a NaN logged as 0.0 (dlm, the HF NaN filter)
+    true_loss = np.where(bad_loss, np.nan, loss.values)
     bad_grad = ~np.isfinite(grad.values)
     excused = scaler_calibration_mask(
         grad.steps,
@@ -66,6 +80,15 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
         ScalerRule(spec.scaler_max_points),
     )
     bad_grad &= ~excused
+    skips, occasional = scaler_skip_mask(
+        grad.steps,
+        grad.values,
+        loss.steps,
+        true_loss,
+        ScalerSkipRule(spec.scaler_skip_run, spec.scaler_skip_share),
+    )
+    skips &= bad_grad & ~np.isin(grad.steps, run.skipped_steps())
+    bad_grad &= ~skips
     bad_eval = ~np.isfinite(ev.values)
     skipped = run.skipped_steps()
     treated_loss = bad_loss & np.isin(loss.steps, skipped)
@@ -101,7 +124,15 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
     events.extend(event(int(s), "non-finite, update skipped", "treated") for s in treated_steps[:100])
 
     excused_steps = [int(s) for s in grad.steps[excused]]
+    skip_steps = [int(s) for s in grad.steps[skips]]
     note = f"; fp16 loss-scaler calibration at step(s) {excused_steps} excluded" if excused_steps else ""
+    if skip_steps:
+        note += (
+            f"; {len(skip_steps)} fp16 loss-scaler skip(s) at step(s) {_listed(skip_steps)} "
+            "(finite loss, finite again after: the scaler lowered its scale, by design)"
+        )
+    if not occasional:
+        note += "; the non-finite grad norms are too many to be occasional fp16 scaler skips"
     parts = [f"{name} {counts[name]} (first at step {firsts[name]})" for name in counts if counts[name]]
     verdict = Verdict.PASS
     problems = []
@@ -122,8 +153,8 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
         treated_note = (
             f"; {n_treated} non-finite step(s) (first {first}) had their update skipped by the watcher"
         )
-    if verdict is Verdict.PASS and n_treated:
-        verdict = Verdict.WARN
+    if verdict is Verdict.PASS and (n_treated or skip_steps):
+        verdict = Verdict.WARN  # handled (by the watcher, or by the fp16 scaler): worth a look
         message = f"no untreated NaN/Inf{treated_note}{note}"
     elif verdict is Verdict.PASS:
         message = (
@@ -138,6 +169,7 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
         "negative_loss_count": n_neg,
         "objective": objective.value,
         "scaler_calibration_excluded": excused_steps,
+        "scaler_skips_excluded": skip_steps[:100],
         "skipped_by_watcher": [int(x) for x in treated_steps[:100]],
         "thresholds": spec.model_dump(exclude={"enabled", "max_events"}),
         "events": cap_events(events, spec.max_events),

@@ -1,4 +1,4 @@
-"""Non-finite values: forward filling for statistics, and the fp16 loss-scaler exception.
+"""Non-finite values: forward filling for statistics, and the fp16 loss-scaler exceptions.
 
 With fp16 mixed precision the dynamic loss scaler starts at 2**16 and halves its scale on every
 overflow, skipping that optimizer step. The first steps of a run therefore often show an
@@ -70,6 +70,65 @@ def scaler_calibration_mask(
             return mask
     mask[:run] = True
     return mask
+
+
+@dataclass(frozen=True)
+class ScalerSkipRule:
+    """fp16 loss-scaler skips in the middle of a run: by design, while they stay occasional.
+
+    When fp16 gradients overflow, the scaler skips that optimizer step and halves its scale; the
+    weights are untouched, so the next steps log finite norms again. A real NaN (bf16/fp32, or a
+    NaN loss) poisons the weights and every later norm. So an isolated non-finite grad norm whose
+    loss is finite and after which the norms are finite again is a scaler skip.
+
+    - max_run=3: a few overflows in a row bring the scale back into range; a longer run is not
+      the scaler finding its range.
+    - max_share=0.02, min_allowed=3: a healthy fp16 run skips now and then (real runs: 1 in 300
+      logged points); a scaler that skips on and on has a scale that collapsed, which is a fault.
+    """
+
+    max_run: int = 3
+    max_share: float = 0.02
+    min_allowed: int = 3
+
+
+def scaler_skip_mask(
+    grad_steps: np.ndarray,
+    grad_values: np.ndarray,
+    loss_steps: np.ndarray,
+    loss_values: np.ndarray,
+    rule: ScalerSkipRule = ScalerSkipRule(),
+) -> tuple[np.ndarray, bool]:
+    """(mask of the grad-norm points read as fp16 scaler skips, whether they stayed occasional).
+
+    A point qualifies when it is in a run of at most `max_run` non-finite grad norms, a finite
+    grad norm follows the run, and the loss logged at its step (if any) is finite. When more
+    points qualify than `max(min_allowed, max_share * points)`, none are excused (the second
+    value is False): the scaler kept skipping.
+    """
+    n = grad_values.shape[0]
+    mask = np.zeros(n, dtype=bool)
+    bad = ~np.isfinite(grad_values)
+    if not bad.any() or bad.all():
+        return mask, True
+    loss_at = dict(zip(loss_steps.tolist(), loss_values.tolist(), strict=True))
+    i = 0
+    while i < n:
+        if not bad[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and bad[j]:
+            j += 1
+        if j < n and j - i <= rule.max_run:  # finite again right after: the weights were spared
+            for k in range(i, j):
+                loss = loss_at.get(int(grad_steps[k]))
+                mask[k] = loss is None or math.isfinite(loss)
+        i = j
+    allowed = max(rule.min_allowed, int(rule.max_share * n))
+    if int(mask.sum()) > allowed:
+        return np.zeros(n, dtype=bool), False
+    return mask, True
 
 
 class NonFiniteDetector:
