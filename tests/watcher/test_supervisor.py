@@ -166,3 +166,32 @@ def test_watch_certifies_checkpoints_after_a_clean_window_and_logs_it(base: Path
     certified = [r for r in records if r["type"] == "checkpoint" and r.get("certified")]
     assert [r["step"] for r in certified] == [10, 20]
     assert load_run(tmp_path).completed
+
+
+def test_watch_leaves_the_users_training_arguments_as_they_were(base: Path, tmp_path: Path) -> None:
+    from trainmedic.toy.training import toy_trainer
+
+    trainer = toy_trainer(tmp_path, base=base, steps=3, max_grad_norm=0.7)
+    watch(trainer, echo=quiet)
+    assert trainer.args.max_grad_norm == 0.7  # watch clips itself while it runs, then gives it back
+
+
+def test_a_second_watch_carries_on_with_the_first_watcher_and_never_stacks(
+    base: Path, tmp_path: Path
+) -> None:
+    from trainmedic.toy.training import toy_trainer
+    from trainmedic.watcher import Vitals
+
+    trainer = toy_trainer(tmp_path, base=base, steps=4)
+    first = watch(trainer, echo=quiet)
+    second = watch(trainer, echo=quiet)
+    assert [type(cb) for cb in trainer.callback_handler.callbacks].count(Vitals) == 1
+    assert first.status == second.status == "completed"
+    assert len(list((tmp_path / "logs").glob("train-*.jsonl"))) == 2  # one log per call, not two per call
+    # the loss is captured once per micro-batch: the watcher's last loss is the Trainer's logged one
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert second.final_loss == pytest.approx(logged[-1], rel=1e-5)
+    with pytest.raises(ValueError, match="another WatchConfig"):
+        watch(trainer, "aggressive", echo=quiet)
+    with pytest.raises(ValueError, match="another trainmedic Vitals"):
+        watch(trainer, vitals=Vitals(echo=quiet))

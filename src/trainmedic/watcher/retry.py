@@ -11,6 +11,7 @@ nothing is imported to recognise them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -163,6 +164,8 @@ def install_retries(
     wrapped alone, so a retry does not call the others again. Returns what was wrapped.
     """
     policy = policy or RetryPolicy()
+    if getattr(trainer, "_trainmedic_retries", None) is not None:  # a second watch(): wrapped once
+        return list(trainer._trainmedic_retries)
 
     def step() -> int:
         return int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0)
@@ -179,6 +182,8 @@ def install_retries(
         what = f"{type(cb).__name__}.on_log"
         cb.on_log = retrying(cb.on_log, what=what, policy=policy, act=act, step=step, sleep=sleep)
         wrapped.append(what)
+    with contextlib.suppress(AttributeError, TypeError):  # a trainer that refuses attributes
+        trainer._trainmedic_retries = tuple(wrapped)
     return wrapped
 
 

@@ -72,15 +72,80 @@ def watch(
     run log included, or starts from scratch, saying so, when there is none; an explicit
     `resume_from_checkpoint` wins. Transient network errors of hub pushes and reporters are
     retried with backoff (`retry`, default `RetryPolicy()`), each retry logged as an action.
+
+    A second `watch(trainer)` carries on with the watcher already attached (never a second one),
+    and the TrainingArguments watch changes while it runs (`CHANGED_ARGS`) are the user's again
+    when it returns.
     """
-    from trainmedic.watcher.resume import resolve_resume
-    from trainmedic.watcher.retry import install_retries
     from trainmedic.watcher.say import make_visible, sayer
 
     if echo is None:
         make_visible()
     say = sayer(echo)
-    vitals = vitals or Vitals(config, echo=echo)
+    vitals = _one_watcher(trainer, vitals, config, echo)
+    user_args = _snapshot(trainer.args)
+    try:
+        return _watch(trainer, vitals, say, resume, resume_from_checkpoint, preflight, retry, echo)
+    finally:
+        _restore(trainer, user_args)
+
+
+# The TrainingArguments fields watch changes while it runs (its own clipping; an OOM fallback's
+# smaller micro-batch, which a resume takes up again from the checkpoint's treatment state).
+CHANGED_ARGS = ("max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def _snapshot(args: Any) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in CHANGED_ARGS if hasattr(args, k)}
+
+
+def _restore(trainer: Any, saved: dict[str, Any]) -> None:
+    """Leave the user's TrainingArguments as they were: watch has no side effects on them."""
+    for key, value in saved.items():
+        setattr(trainer.args, key, value)
+    if hasattr(trainer, "_train_batch_size") and "per_device_train_batch_size" in saved:
+        trainer._train_batch_size = trainer.args.train_batch_size
+
+
+def _one_watcher(trainer: Any, vitals: Vitals | None, config: WatchConfig | str | None, echo: Any) -> Vitals:
+    """The trainer's one `Vitals`: the one given, else the one already attached (a second
+    `watch(trainer)` carries on with it rather than stacking a second watcher, whose run log and
+    loss capture would double the first's), else a new one."""
+    attached = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Vitals)]
+    others = [cb for cb in attached if cb is not vitals]
+    if vitals is not None:
+        if others:
+            raise ValueError(
+                "this trainer already has another trainmedic Vitals attached; give that one, or none"
+            )
+        return vitals
+    if not attached:
+        return Vitals(config, echo=echo)
+    found = attached[0]
+    wanted = config if isinstance(config, WatchConfig) else WatchConfig.preset(config) if config else None
+    if wanted is not None and wanted != found.config:
+        raise ValueError(
+            "this trainer is already watched with another WatchConfig; "
+            "pass the same one, or build a new trainer"
+        )
+    if echo is not None:
+        found.echo = echo
+    return found
+
+
+def _watch(
+    trainer: Any,
+    vitals: Vitals,
+    say: Any,
+    resume: bool | None,
+    resume_from_checkpoint: str | bool | None,
+    preflight: int,
+    retry: RetryPolicy | None,
+    echo: Any,
+) -> WatchResult:
+    from trainmedic.watcher.resume import resolve_resume
+    from trainmedic.watcher.retry import install_retries
+
     resume_from_checkpoint = resolve_resume(trainer, vitals, resume, resume_from_checkpoint, say)
     if preflight and not resume_from_checkpoint:
         stopped = _preflight(trainer, vitals, preflight, echo)
