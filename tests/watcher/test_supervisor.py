@@ -187,7 +187,10 @@ def test_a_second_watch_carries_on_with_the_first_watcher_and_never_stacks(
     second = watch(trainer, echo=quiet)
     assert [type(cb) for cb in trainer.callback_handler.callbacks].count(Vitals) == 1
     assert first.status == second.status == "completed"
-    assert len(list((tmp_path / "logs").glob("train-*.jsonl"))) == 2  # one log per call, not two per call
+    records = [json.loads(line) for log in (tmp_path / "logs").glob("train-*.jsonl") for line in log.open()]
+    banners = [r for r in records if r["type"] == "banner"]
+    assert len(banners) == 2 and len({b["run_id"] for b in banners}) == 1  # one banner per call: one watcher
+    assert [r["step"] for r in records if r["type"] == "step"] == [1, 2, 3, 4, 1, 2, 3, 4]
     # the loss is captured once per micro-batch: the watcher's last loss is the Trainer's logged one
     logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert second.final_loss == pytest.approx(logged[-1], rel=1e-5)

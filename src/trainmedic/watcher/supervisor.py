@@ -74,7 +74,7 @@ def watch(
     retried with backoff (`retry`, default `RetryPolicy()`), each retry logged as an action.
 
     A second `watch(trainer)` carries on with the watcher already attached (never a second one),
-    and the TrainingArguments watch changes while it runs (`CHANGED_ARGS`) are the user's again
+    and the TrainingArguments watch changes to do its work (`CHANGED_ARGS`) are the user's again
     when it returns.
     """
     from trainmedic.watcher.say import make_visible, sayer
@@ -90,9 +90,10 @@ def watch(
         _restore(trainer, user_args)
 
 
-# The TrainingArguments fields watch changes while it runs (its own clipping; an OOM fallback's
-# smaller micro-batch, which a resume takes up again from the checkpoint's treatment state).
-CHANGED_ARGS = ("max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps")
+# The TrainingArguments fields watch changes only to do its work (it clips in place of the
+# Trainer). An OOM fallback's smaller micro-batch is different: a treatment the result and the
+# run log report, kept so that a later train() does not run out of memory again.
+CHANGED_ARGS = ("max_grad_norm",)
 
 
 def _snapshot(args: Any) -> dict[str, Any]:
@@ -100,11 +101,9 @@ def _snapshot(args: Any) -> dict[str, Any]:
 
 
 def _restore(trainer: Any, saved: dict[str, Any]) -> None:
-    """Leave the user's TrainingArguments as they were: watch has no side effects on them."""
+    """Give the user's TrainingArguments back as they were (`CHANGED_ARGS`)."""
     for key, value in saved.items():
         setattr(trainer.args, key, value)
-    if hasattr(trainer, "_train_batch_size") and "per_device_train_batch_size" in saved:
-        trainer._train_batch_size = trainer.args.train_batch_size
 
 
 def _one_watcher(trainer: Any, vitals: Vitals | None, config: WatchConfig | str | None, echo: Any) -> Vitals:
