@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written report or marker."""
+"""File-system helpers: atomic writes (a reader never sees a half-written report or marker) and
+the listing of a run directory's subfolders."""
 
 from __future__ import annotations
 
@@ -29,3 +30,11 @@ def _default_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def subdirs(folder: Path) -> list[Path]:
+    """The visible subfolders of `folder`, sorted by name; none when it cannot be listed."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []

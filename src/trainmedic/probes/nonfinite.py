@@ -87,10 +87,10 @@ def nonfinite(run: Run, spec: NonFiniteSpec) -> Finding:
         true_loss,
         ScalerSkipRule(spec.scaler_skip_run, spec.scaler_skip_share),
     )
-    skips &= bad_grad & ~np.isin(grad.steps, run.skipped_steps())
+    skipped = run.skipped_steps()
+    skips &= bad_grad & ~np.isin(grad.steps, skipped)
     bad_grad &= ~skips
     bad_eval = ~np.isfinite(ev.values)
-    skipped = run.skipped_steps()
     treated_loss = bad_loss & np.isin(loss.steps, skipped)
     treated_grad = bad_grad & np.isin(grad.steps, skipped)
     bad_loss &= ~treated_loss

@@ -131,15 +131,10 @@ def read_watched_checkpoint(ckpt: Path, logs: list[Path]) -> Run:
 
 
 def _saved_run_id(ckpt: Path) -> str | None:
-    """The run id the watcher saved beside the checkpoint (`trainmedic_state.json`), if any."""
-    import json
+    """The run id the watcher saved beside the checkpoint, if any."""
+    from trainmedic.record.treatment import read_treatment
 
-    try:
-        with (ckpt / "trainmedic_state.json").open("rb") as fh:
-            payload = json.loads(fh.read(1 << 20))
-    except (OSError, ValueError, RecursionError):
-        return None
-    rid = payload.get("run_id") if isinstance(payload, dict) else None
+    rid = (read_treatment(ckpt) or {}).get("run_id")
     return rid if isinstance(rid, str) else None
 
 

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from trainmedic.findings import Problem
+from trainmedic.fsutil import subdirs
 from trainmedic.record.columns import Columns, add_problems, pick
 from trainmedic.run import Run
 
@@ -40,16 +41,9 @@ def torchtune_logs(folder: Path) -> list[Path]:
 def mlflow_runs(root: Path) -> list[Path]:
     """MLflow run folders (those with a `metrics/` folder) under `root`: a run itself, an
     experiment, or the `mlruns` store; oldest first by their start (`meta.yaml`'s time)."""
-    candidates = [root, *_children(root), *(g for c in _children(root) for g in _children(c))]
+    candidates = [root, *subdirs(root), *(g for c in subdirs(root) for g in subdirs(c))]
     runs = [c for c in candidates if (c / "metrics").is_dir()]
     return sorted(runs, key=_start_time)
-
-
-def _children(folder: Path) -> list[Path]:
-    try:
-        return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    except OSError:
-        return []
 
 
 def _start_time(run: Path) -> tuple[int, str]:
@@ -114,7 +108,7 @@ def read_mlflow(run_dir: Path, run: Run) -> None:
 def _files(folder: Path) -> list[Path]:
     """Metric files, nested names (`train/loss` is `metrics/train/loss`) included."""
     out: list[Path] = []
-    for p in _children(folder):
+    for p in subdirs(folder):
         out.extend(_files(p))
     with contextlib.suppress(OSError):
         out.extend(p for p in folder.iterdir() if p.is_file())

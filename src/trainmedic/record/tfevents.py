@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from trainmedic.findings import Problem
+from trainmedic.fsutil import subdirs
 from trainmedic.record.columns import Columns, add_problems, pick, series_of
 from trainmedic.run import Run
 
@@ -51,19 +52,12 @@ def event_files(folder: Path) -> list[Path]:
     `logging_dir`), ordered by folder then name: a restart writes a later folder or file."""
     found: list[Path] = []
     runs = folder / "runs"
-    for base in (folder, *_subdirs(folder), *(_subdirs(runs) if runs.is_dir() else [])):
+    for base in (folder, *subdirs(folder), *(subdirs(runs) if runs.is_dir() else [])):
         try:
             found.extend(p for p in base.iterdir() if is_event_file(p.name))
         except OSError:
             continue
     return sorted(found, key=lambda p: (p.parent.name, p.name))
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    try:
-        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError:
-        return []
 
 
 def read_event_files(files: list[Path], run: Run) -> None:

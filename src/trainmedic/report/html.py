@@ -6,6 +6,7 @@ artifact, an email or an air-gapped machine. Every string from the data is escap
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
@@ -197,7 +198,7 @@ def _step_range(report: RunReport, markers: list[svg.Marker]) -> tuple[float, fl
             found = [
                 float(s) for s in curve["steps"] if isinstance(s, int | float) and not isinstance(s, bool)
             ]
-            steps.extend(x for x in found if x == x and abs(x) != float("inf"))
+            steps.extend(x for x in found if math.isfinite(x))
     return (min(steps), max(steps)) if steps else None
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from trainmedic.fsutil import atomic_write
-
-STATE_FILE = "trainmedic_state.json"
+from trainmedic.record.treatment import STATE_FILE, read_treatment
 
 
 def save_treatment(vitals: Any, ckpt: Path, micro_batch: int, accumulation: int) -> None:
@@ -26,16 +25,6 @@ def save_treatment(vitals: Any, ckpt: Path, micro_batch: int, accumulation: int)
     if vitals.oom is not None:
         payload["oom"] = vitals.oom.state_dict()
     atomic_write(ckpt / STATE_FILE, json.dumps(payload))
-
-
-def read_treatment(ckpt: Path) -> dict[str, Any] | None:
-    """What `save_treatment` wrote with `ckpt`; None when absent or unreadable: the checkpoint was
-    saved without the watcher, and the run carries on untreated."""
-    try:
-        payload = json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return payload if isinstance(payload, dict) else None
 
 
 def restore_treatment(vitals: Any, ckpt: Path, args: Any) -> dict[str, int] | None:

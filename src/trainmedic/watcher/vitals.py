@@ -363,10 +363,7 @@ class Vitals(TrainerCallback):
         if self.recorder is not None:
             self.recorder.write(event.to_record())
         line = f"[trainmedic] step {event.step}: {event.severity.upper()} {event.message}"
-        if self.echo is not None:
-            self.echo(line)
-        else:
-            logger.log(logging.ERROR if event.severity == "fail" else logging.WARNING, line)
+        self._say(line, logging.ERROR if event.severity == "fail" else logging.WARNING)
         trackio_alert(self._trainer, event)
 
     def _trouble_onset(self, step: int, events: list[Event]) -> int:
